@@ -1,0 +1,186 @@
+"""The `lejepa` command.
+
+Each sub-command parses its arguments here and calls one function in the module that owns the
+work; that function returns a JSON-ready dict. `--json` prints it as JSON on stdout, otherwise it
+is rendered as indented text. Progress goes to stderr so stdout stays machine-readable.
+A `UserError` becomes one line on stderr and exit code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lejepa_platform.errors import RunFailed, UserError
+
+Handler = Callable[[argparse.Namespace], dict]
+
+
+def _pretrain(args: argparse.Namespace) -> dict:
+    from lejepa_platform.train.launch import pretrain_from_cli
+
+    return pretrain_from_cli(args.recipe, overrides=args.set, resume=args.resume, address=args.address,
+                             quiet=args.json)
+
+
+def _shards_build(args: argparse.Namespace) -> dict:
+    from lejepa_platform.data.shards import build_shards
+
+    return build_shards(args.source, args.out, rows_per_shard=args.rows_per_shard,
+                        image_format=args.format, max_side=args.max_side)
+
+
+def _shards_inspect(args: argparse.Namespace) -> dict:
+    from lejepa_platform.data.shards import inspect_shards
+
+    return inspect_shards(args.dir)
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    import importlib
+
+    module = importlib.import_module(f"lejepa_platform.bench.{args.which}")
+    return module.run(quick=args.quick)
+
+
+def _eval(args: argparse.Namespace) -> dict:
+    from lejepa_platform.eval.report import eval_from_cli
+
+    return eval_from_cli(args.target, data=args.data, protocols=args.protocol, tracking_uri=args.tracking_uri)
+
+
+def _sweep(args: argparse.Namespace) -> dict:
+    from lejepa_platform.sweep.tune import sweep_from_cli
+
+    return sweep_from_cli(args.recipe, overrides=args.set, resume=args.resume, address=args.address,
+                          quiet=args.json)
+
+
+def _analyze(args: argparse.Namespace) -> dict:
+    from lejepa_platform.sweep.analysis import analyze_from_cli
+
+    return analyze_from_cli(args.experiment, tracking_uri=args.tracking_uri, out=args.out)
+
+
+def _cluster_check(args: argparse.Namespace) -> dict:
+    from lejepa_platform.cluster import check_cluster_config
+
+    return check_cluster_config(args.config, recipes=args.recipe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lejepa", description="Pretrain image encoders with LeJEPA on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        p.set_defaults(handler=handler)
+        return p
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set loss.lam=0.02 (repeatable)")
+        p.add_argument("--address", default=None,
+                       help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
+
+    p = command("pretrain", _pretrain, "run one LeJEPA pretraining (no recipe: the embedded default)")
+    p.add_argument("recipe", nargs="?", default=None, help="pipelines/FILE.py or FILE.py:function")
+    p.add_argument("--resume", default=None, metavar="NAME", help="continue the stopped run NAME")
+    overrides(p)
+
+    shards = sub.add_parser("shards", help="build and inspect Parquet image shards")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+    p = command("build", _shards_build, "turn an image source into Parquet shards", shards_sub)
+    p.add_argument("source", help="image folder, idx file, .npy/.npz, WebDataset tar(s) or builtin:NAME")
+    p.add_argument("out", help="output directory for the shards and manifest.json")
+    p.add_argument("--rows-per-shard", type=int, default=4096)
+    p.add_argument("--format", choices=("png", "jpeg", "keep"), default="keep",
+                   help="re-encode images (keep: store encoded files as they are; arrays become png)")
+    p.add_argument("--max-side", type=int, default=0, help="downscale so the longer side is at most PX (0: never)")
+    p = command("inspect", _shards_inspect, "rows, classes, shards and unreadable records of a shard dir", shards_sub)
+    p.add_argument("dir")
+
+    p = command("bench", _bench, "benchmarks against a baseline, printed as ratios")
+    p.add_argument("which", choices=("sigreg", "data", "step"))
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+
+    p = command("eval", _eval, "kNN / linear / few-shot evaluation of a frozen backbone")
+    p.add_argument("target", help="MLflow run id or checkpoint directory")
+    p.add_argument("--data", required=True, help="labelled shard directory or builtin:NAME")
+    p.add_argument("--protocol", default="knn,linear", help="comma list of knn, linear, fewshot")
+    p.add_argument("--tracking-uri", default=None)
+
+    p = command("sweep", _sweep, "run a Ray Tune sweep from a sweeps/*.py recipe")
+    p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    overrides(p)
+
+    p = command("analyze", _analyze, "scaling-law fits and label-free ranking of a sweep")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", default=None, help="directory for the report and plots")
+
+    cluster = sub.add_parser("cluster", help="cluster launcher helpers")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    p = command("check", _cluster_check, "validate a cluster.yaml offline", cluster_sub)
+    p.add_argument("config", nargs="?", default="cluster.yaml")
+    p.add_argument("--recipe", action="append", default=[], help="recipes whose resources must fit")
+    return parser
+
+
+def render(value: Any, indent: int = 0) -> str:
+    """Indented `key: value` text for a nested JSON-ready value."""
+    pad = "  " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, sub in value.items():
+            if isinstance(sub, (dict, list)) and sub:
+                lines.append(f"{pad}{key}:")
+                lines.append(render(sub, indent + 1))
+            else:
+                lines.append(f"{pad}{key}: {_scalar(sub)}")
+        return "\n".join(lines)
+    if isinstance(value, list):
+        return "\n".join(
+            f"{pad}-\n{render(v, indent + 1)}" if isinstance(v, (dict, list)) else f"{pad}- {_scalar(v)}"
+            for v in value)
+    return f"{pad}{_scalar(value)}"
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.handler(args)
+    except UserError as err:
+        print(f"lejepa: error: {err}", file=sys.stderr)
+        return 2
+    except RunFailed as err:
+        print(f"lejepa: run failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lejepa: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

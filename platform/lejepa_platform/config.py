@@ -1,0 +1,398 @@
+"""Run configuration as frozen dataclasses.
+
+A recipe builds a `RunConfig`; `--set section.field=value` derives a new one with
+`apply_overrides` (never mutation). Every section validates itself in `__post_init__` and raises
+`ConfigError` naming the field and what is allowed, so bad input fails before any worker starts.
+Derived values (per-worker batch, warmup steps) are functions here, logged, never written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from lejepa_platform.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config value or key that is not allowed."""
+
+
+def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{field} = {value!r} is not allowed: must be {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Encoder: a timm backbone (random init) followed by a projector MLP."""
+
+    backbone: str = "vit_tiny_patch16_224"
+    """timm model name, created with pretrained=False and num_classes=0."""
+    backbone_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Extra timm.create_model keyword arguments, e.g. {"patch_size": 8, "embed_dim": 96}."""
+    proj_hidden_dim: int = 2048
+    """Width of the projector's hidden layers."""
+    proj_layers: int = 3
+    """Number of linear layers in the projector (>= 1)."""
+    proj_dim: int = 64
+    """Output dimension of the projector: what SIGReg and the prediction term see."""
+    proj_norm: str = "batchnorm"
+    """Normalisation between projector layers: batchnorm (statistics over the global batch), layernorm or none."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.backbone), "model.backbone", "a timm model name", self.backbone)
+        _require(self.proj_hidden_dim >= 1, "model.proj_hidden_dim", ">= 1", self.proj_hidden_dim)
+        _require(self.proj_layers >= 1, "model.proj_layers", ">= 1", self.proj_layers)
+        _require(self.proj_dim >= 1, "model.proj_dim", ">= 1", self.proj_dim)
+        _require(self.proj_norm in ("batchnorm", "layernorm", "none"), "model.proj_norm",
+                 "one of batchnorm, layernorm, none", self.proj_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The LeJEPA objective: (1 - lam) * prediction + lam * SIGReg."""
+
+    lam: float = 0.05
+    """Weight of SIGReg, strictly between 0 and 1 (paper: 0.05; minimal example: 0.02)."""
+    num_slices: int = 1024
+    """Random directions per step for the sliced Epps-Pulley test."""
+    knots: int = 17
+    """Quadrature knots on [0, t_max]; odd."""
+    t_max: float = 3.0
+    """Upper end of the integration range of the characteristic function."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.lam < 1.0, "loss.lam", "in the open interval (0, 1)", self.lam)
+        _require(self.num_slices >= 1, "loss.num_slices", ">= 1", self.num_slices)
+        _require(self.knots >= 3 and self.knots % 2 == 1, "loss.knots", "an odd integer >= 3", self.knots)
+        _require(self.t_max > 0 and math.isfinite(self.t_max), "loss.t_max", "a finite number > 0", self.t_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Image shards and the multi-crop views built from them by Ray Data."""
+
+    source: str = "builtin:fashion-mnist-10k"
+    """A shard directory (from `lejepa shards build`), an image folder, a WebDataset tar / folder of tars, or builtin:NAME."""
+    split: str = "train"
+    """Which part of the source to read: train, test (from the shard manifest's fixed split) or all."""
+    global_views: int = 2
+    """Number of global views per image (G)."""
+    global_size: int = 224
+    """Side in pixels of global views."""
+    global_scale: tuple[float, float] = (0.3, 1.0)
+    """RandomResizedCrop area range for global views."""
+    local_views: int = 6
+    """Number of local views per image (L); 0 for global views only."""
+    local_size: int = 96
+    """Side in pixels of local views."""
+    local_scale: tuple[float, float] = (0.05, 0.3)
+    """RandomResizedCrop area range for local views."""
+    flip_p: float = 0.5
+    """Probability of a horizontal flip."""
+    jitter_p: float = 0.8
+    """Probability of colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1)."""
+    grayscale_p: float = 0.2
+    """Probability of converting a view to grey."""
+    blur_p: float = 0.5
+    """Probability of a Gaussian blur."""
+    solarize_p: float = 0.2
+    """Probability of solarizing (threshold 128)."""
+    batch_size: int = 256
+    """Global batch size: images per optimizer step summed over all workers."""
+    shuffle_buffer: int = 2048
+    """Rows in each worker's local shuffle buffer (0 disables it); file order is shuffled per epoch too."""
+    max_image_pixels: int = 50_000_000
+    """Images whose header claims more pixels are skipped as decompression bombs."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source), "data.source", "a path or builtin:NAME", self.source)
+        _require(self.split in ("train", "test", "all"), "data.split", "one of train, test, all", self.split)
+        _require(self.global_views >= 1, "data.global_views", ">= 1", self.global_views)
+        _require(self.local_views >= 0, "data.local_views", ">= 0", self.local_views)
+        _require(self.global_size >= 8, "data.global_size", ">= 8 pixels", self.global_size)
+        _require(self.local_size >= 8, "data.local_size", ">= 8 pixels", self.local_size)
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            _require(0.0 < lo <= hi <= 1.0, f"data.{name}", "(lo, hi) with 0 < lo <= hi <= 1", (lo, hi))
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            _require(0.0 <= p <= 1.0, f"data.{name}", "a probability in [0, 1]", p)
+        _require(self.batch_size >= 2, "data.batch_size", ">= 2", self.batch_size)
+        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
+        _require(self.max_image_pixels >= 1, "data.max_image_pixels", ">= 1", self.max_image_pixels)
+
+    @property
+    def num_views(self) -> int:
+        return self.global_views + self.local_views
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, scale-out and fault tolerance of one pretraining run."""
+
+    steps: int = 1000
+    """Total optimizer steps of the run."""
+    lr: float = 5e-4
+    """Peak learning rate of AdamW (reached after warmup)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (paper: 5e-2 for ViTs, 5e-4 for ResNets)."""
+    warmup_frac: float = 0.1
+    """Fraction of the steps spent in linear warmup before the cosine decay to lr / 1000."""
+    workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker, bf16 autocast."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; leave some for Ray Data on small machines."""
+    torch_threads: int = 0
+    """torch intra-op threads per worker; 0 means the worker's CPU reservation, rounded up."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    log_every: int = 10
+    """Steps between metric reports."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (the last step always checkpoints)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on storage (most recent)."""
+    max_failures: int = 2
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    seed: int = 0
+    """Seeds the model init, the views and the SIGReg directions."""
+    probe: bool = True
+    """Train an online linear probe on detached backbone embeddings when labels exist."""
+    probe_lr: float = 1e-3
+    """Learning rate of the online probe."""
+    storage_path: str = "lejepa-runs"
+    """Where checkpoints go: a local directory, shared file system or object store URI."""
+    name: str = ""
+    """Run name under storage_path; empty picks a fresh timestamped one."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps", ">= 1", self.steps)
+        _require(self.lr > 0, "train.lr", "> 0", self.lr)
+        _require(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        _require(0.0 <= self.warmup_frac < 1.0, "train.warmup_frac", "in [0, 1)", self.warmup_frac)
+        _require(self.workers >= 1, "train.workers", ">= 1", self.workers)
+        _require(self.cpus_per_worker > 0, "train.cpus_per_worker", "> 0", self.cpus_per_worker)
+        _require(self.torch_threads >= 0, "train.torch_threads", ">= 0", self.torch_threads)
+        _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
+                 "one of auto, bf16, fp32", self.precision)
+        _require(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        _require(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        _require(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
+        _require(self.probe_lr > 0, "train.probe_lr", "> 0", self.probe_lr)
+        _require(bool(self.storage_path), "train.storage_path", "a directory or URI", self.storage_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackConfig:
+    """Where runs are recorded."""
+
+    uri: str = ""
+    """MLflow tracking URI; empty means MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
+    experiment: str = "lejepa"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name; empty uses the train run name."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Frozen-feature evaluation run after pretraining when the data has labels."""
+
+    enabled: bool = True
+    """Evaluate the final backbone (and the same backbone at random init) after pretraining."""
+    protocols: tuple[str, ...] = ("linear", "knn")
+    """Protocols to run: any of linear, knn, fewshot."""
+    eval_size: int = 0
+    """Side in pixels of evaluation images; 0 means data.global_size."""
+
+    def __post_init__(self) -> None:
+        allowed = ("linear", "knn", "fewshot")
+        bad = [p for p in self.protocols if p not in allowed]
+        _require(not bad and len(self.protocols) > 0, "eval.protocols",
+                 f"a non-empty list drawn from {', '.join(allowed)}", self.protocols)
+        _require(self.eval_size >= 0, "eval.eval_size", ">= 0", self.eval_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one pretraining run needs; what recipes in pipelines/ return."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    track: TrackConfig = dataclasses.field(default_factory=TrackConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.data.batch_size % self.train.workers == 0, "data.batch_size",
+                 f"divisible by train.workers = {self.train.workers}", self.data.batch_size)
+        _require(self.data.batch_size // self.train.workers >= 2, "data.batch_size",
+                 f">= 2 images per worker (train.workers = {self.train.workers})", self.data.batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Derived values: functions of the config, logged by the trainer, never stored back.
+
+
+def per_worker_batch_size(cfg: RunConfig) -> int:
+    """Images each worker takes per step."""
+    return cfg.data.batch_size // cfg.train.workers
+
+
+def warmup_steps(cfg: RunConfig) -> int:
+    """Linear-warmup length in optimizer steps."""
+    return int(round(cfg.train.warmup_frac * cfg.train.steps))
+
+
+# --------------------------------------------------------------------------------------------
+# Dict round trip, flattening and overrides.
+
+C = TypeVar("C")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-ready nested dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """{"loss.lam": 0.05, ...}: one entry per leaf of a config (or nested dict), e.g. for MLflow."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value and prefix.split(".")[-1] != "backbone_kwargs":
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            out[prefix] = value
+
+    walk("", dict(cfg) if isinstance(cfg, Mapping) else to_dict(cfg))
+    return out
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], *, prefix: str = "") -> C:
+    """Build `cls` from a nested mapping, checking every key and type."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; allowed: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: C, overrides: Iterable[str]) -> C:
+    """Return a new config with each `dotted.key=value` applied in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        cfg = _override(cfg, key.strip().split("."), raw, key.strip())
+    return cfg
+
+
+def _override(cfg: Any, parts: list[str], raw: str, path: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    head = parts[0]
+    if head not in names:
+        where = path[: len(path) - len(".".join(parts))].rstrip(".") or "config"
+        raise ConfigError(f"unknown config key {path!r}; {where} has: {', '.join(sorted(names))}")
+    current = getattr(cfg, head)
+    hint = typing.get_type_hints(type(cfg))[head]
+    if dataclasses.is_dataclass(current):
+        if len(parts) == 1:
+            raise ConfigError(f"{path!r} is a section; set one of its fields, e.g. {path}.{next(iter(names))}")
+        return dataclasses.replace(cfg, **{head: _override(current, parts[1:], raw, path)})
+    if isinstance(current, dict) and len(parts) > 1:
+        new = dict(current)
+        new[".".join(parts[1:])] = _parse_scalar(raw)
+        return dataclasses.replace(cfg, **{head: new})
+    if len(parts) > 1:
+        raise ConfigError(f"unknown config key {path!r}: {'.'.join(path.split('.')[:-len(parts) + 1])} is not a section")
+    return dataclasses.replace(cfg, **{head: _coerce(_parse_text(raw, hint), hint, path)})
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _parse_text(raw: str, hint: Any) -> Any:
+    """Turn command-line text into a Python value guided by the field's type."""
+    origin = typing.get_origin(hint)
+    if hint is str:
+        return raw
+    if hint is bool:
+        low = raw.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        return raw
+    if origin is tuple:
+        text = raw.strip()
+        if text.startswith("["):
+            return _parse_scalar(text)
+        return [_parse_scalar(part.strip()) for part in text.split(",") if part.strip()]
+    return _parse_scalar(raw)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against the annotation and convert lossless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_dict(hint, value, prefix=f"{path}.")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path} must be a string, got {value!r}")
+    if hint is dict or origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{path} must be a mapping, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], path) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{path} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, path) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path} has the wrong type: {value!r}")
+    return value

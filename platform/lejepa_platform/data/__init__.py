@@ -1,0 +1,1 @@
+"""Image shards, multi-crop views and the Ray Data pipeline."""

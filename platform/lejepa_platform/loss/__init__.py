@@ -1,0 +1,1 @@
+"""LeJEPA objective: SIGReg (sketched Epps-Pulley) and the prediction term. Pure torch."""

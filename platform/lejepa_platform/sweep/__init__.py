@@ -1,0 +1,1 @@
+"""Ray Tune sweeps and scaling-law analysis."""

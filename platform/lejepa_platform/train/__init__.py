@@ -1,0 +1,1 @@
+"""Ray Train worker loop, checkpoints and launch."""
