@@ -49,7 +49,7 @@ def _bench(args: argparse.Namespace) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> dict:
-    from lejepa_platform.eval.report import eval_from_cli
+    from lejepa_platform.evaluation import eval_from_cli
 
     return eval_from_cli(args.target, data=args.data, protocols=args.protocol, tracking_uri=args.tracking_uri)
 

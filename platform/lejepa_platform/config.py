@@ -241,6 +241,57 @@ class RunConfig:
                  f">= 2 images per worker (train.workers = {self.train.workers})", self.data.batch_size)
 
 
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune sweep: a base run, a search space over config keys, a budget and a scheduler."""
+
+    base: RunConfig = dataclasses.field(default_factory=RunConfig)
+    """The run every trial starts from."""
+    space: dict = dataclasses.field(default_factory=dict)
+    """{"loss.num_slices": {"grid": [64, 256]}, "loss.lam": {"loguniform": [0.01, 0.1]}, ...}."""
+    num_samples: int = 1
+    """Samples of the random dimensions (each grid point is repeated num_samples times)."""
+    scheduler: str = "fifo"
+    """fifo (every trial runs its budget) or asha (stops poor trials early on `metric`)."""
+    metric: str = "loss/total"
+    """Reported metric the scheduler compares: label-free by default."""
+    mode: str = "min"
+    """min or max."""
+    grace_reports: int = 2
+    """ASHA: reports a trial always gets before it may be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep 1 / reduction_factor of the trials at each rung."""
+    max_concurrent_trials: int = 0
+    """0 derives it from the cluster's CPUs / GPUs and one trial's needs."""
+    name: str = "sweep"
+    """Sweep name: the Tune experiment under train.storage_path and the MLflow parent run's name."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.space, dict) and len(self.space) > 0, "sweep.space",
+                 "a non-empty mapping of config keys to {kind: values}", self.space)
+        for key, spec in self.space.items():
+            check_key(RunConfig, key)
+            ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS
+            _require(ok, f"sweep.space[{key!r}]", f"one of {{kind: values}} with kind in {', '.join(SEARCH_KINDS)}", spec)
+            kind, values = next(iter(spec.items()))
+            if kind in ("grid", "choice"):
+                _require(isinstance(values, (list, tuple)) and len(values) > 0, f"sweep.space[{key!r}].{kind}",
+                         "a non-empty list", values)
+            else:
+                _require(isinstance(values, (list, tuple)) and len(values) == 2 and values[0] < values[1],
+                         f"sweep.space[{key!r}].{kind}", "[low, high] with low < high", values)
+        _require(self.num_samples >= 1, "sweep.num_samples", ">= 1", self.num_samples)
+        _require(self.scheduler in ("fifo", "asha"), "sweep.scheduler", "fifo or asha", self.scheduler)
+        _require(self.mode in ("min", "max"), "sweep.mode", "min or max", self.mode)
+        _require(self.grace_reports >= 1, "sweep.grace_reports", ">= 1", self.grace_reports)
+        _require(self.reduction_factor >= 2, "sweep.reduction_factor", ">= 2", self.reduction_factor)
+        _require(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", ">= 0", self.max_concurrent_trials)
+        _require(bool(self.name), "sweep.name", "a non-empty name", self.name)
+
+
 # --------------------------------------------------------------------------------------------
 # Derived values: functions of the config, logged by the trainer, never stored back.
 
@@ -297,16 +348,28 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, prefix: str = "") -> C:
 
 
 def apply_overrides(cfg: C, overrides: Iterable[str]) -> C:
-    """Return a new config with each `dotted.key=value` applied in order."""
+    """Return a new config with each `dotted.key=value` (command-line text) applied in order."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        cfg = _override(cfg, key.strip().split("."), raw, key.strip())
+        cfg = _override(cfg, key.strip().split("."), raw, key.strip(), from_text=True)
     return cfg
 
 
-def _override(cfg: Any, parts: list[str], raw: str, path: str) -> Any:
+def set_values(cfg: C, values: Mapping[str, Any]) -> C:
+    """Return a new config with Python values set by dotted key (sweeps use this per trial)."""
+    for key, value in values.items():
+        cfg = _override(cfg, key.split("."), value, key, from_text=False)
+    return cfg
+
+
+def check_key(cls: type, key: str) -> None:
+    """Raise ConfigError unless `key` names a field (or a backbone_kwargs entry) of `cls`."""
+    _override(cls(), key.split("."), None, key, from_text=False, dry_run=True)
+
+
+def _override(cfg: Any, parts: list[str], raw: Any, path: str, *, from_text: bool, dry_run: bool = False) -> Any:
     names = {f.name: f for f in dataclasses.fields(cfg)}
     head = parts[0]
     if head not in names:
@@ -317,14 +380,20 @@ def _override(cfg: Any, parts: list[str], raw: str, path: str) -> Any:
     if dataclasses.is_dataclass(current):
         if len(parts) == 1:
             raise ConfigError(f"{path!r} is a section; set one of its fields, e.g. {path}.{next(iter(names))}")
-        return dataclasses.replace(cfg, **{head: _override(current, parts[1:], raw, path)})
+        sub = _override(current, parts[1:], raw, path, from_text=from_text, dry_run=dry_run)
+        return cfg if dry_run else dataclasses.replace(cfg, **{head: sub})
     if isinstance(current, dict) and len(parts) > 1:
+        if dry_run:
+            return cfg
         new = dict(current)
-        new[".".join(parts[1:])] = _parse_scalar(raw)
+        new[".".join(parts[1:])] = _parse_scalar(raw) if from_text else raw
         return dataclasses.replace(cfg, **{head: new})
     if len(parts) > 1:
         raise ConfigError(f"unknown config key {path!r}: {'.'.join(path.split('.')[:-len(parts) + 1])} is not a section")
-    return dataclasses.replace(cfg, **{head: _coerce(_parse_text(raw, hint), hint, path)})
+    if dry_run:
+        return cfg
+    value = _parse_text(raw, hint) if from_text else raw
+    return dataclasses.replace(cfg, **{head: _coerce(value, hint, path)})
 
 
 def _parse_scalar(raw: str) -> Any:

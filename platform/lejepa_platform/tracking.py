@@ -352,6 +352,25 @@ def log_artifacts_to_run(uri: str, run_id: str, paths: Iterable[str], artifact_p
     return run.info.artifact_uri
 
 
+def log_metrics_to_run(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Add metrics to an existing run without touching its status (e.g. a later `lejepa eval`)."""
+    from mlflow.entities import Metric
+
+    client = _client(uri)
+    _get_run(client, uri, run_id)
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+    for chunk in _chunks(batch, METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    """Paths of a run's artifacts directly under `path` (top level by default)."""
+    client = _client(uri)
+    _get_run(client, uri, run_id)
+    return sorted(f.path for f in client.list_artifacts(run_id, path))
+
+
 # --------------------------------------------------------------------------------------------
 # Environment tags.
 

@@ -1,0 +1,208 @@
+"""From a RunConfig to a finished, recorded pretraining run on Ray Train.
+
+Order matters for users: everything that can be checked without workers (config, backbone name,
+data, resources) is checked first, so bad input fails in a second with one line. Then the MLflow
+run is opened on the driver, the TorchTrainer runs, and the driver evaluates the final backbone
+and attaches the artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from lejepa_platform.config import (RunConfig, TrainConfig, apply_overrides, flatten, from_dict, per_worker_batch_size,
+                                    to_dict, warmup_steps)
+from lejepa_platform.data.pipeline import count_rows, train_dataset
+from lejepa_platform.data.shards import read_manifest, resolve_source
+from lejepa_platform.defaults import default_run_config
+from lejepa_platform.errors import RunFailed, UserError
+from lejepa_platform.model import build_encoder
+from lejepa_platform.recipes import load_recipe
+from lejepa_platform.tracking import MLflowTracker, resolve_tracking_uri, run_environment_tags
+from lejepa_platform.train.finalize import finalize_run
+from lejepa_platform.train.loop import worker_loop
+from lejepa_platform.train.progress import ProgressBoard, ProgressCallback, ProgressPrinter
+from lejepa_platform.train.storage import absolute_storage, read_run_record, run_exists, write_run_record
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+    """What the driver learns about the data before starting workers."""
+
+    rows: int
+    num_classes: int
+
+
+def resolve_config(recipe: str | None, overrides: list[str]) -> RunConfig:
+    """The recipe's config (or the embedded default) with `--set` overrides applied."""
+    base = load_recipe(recipe, RunConfig) if recipe else default_run_config()
+    return apply_overrides(base, overrides)
+
+
+def preflight(cfg: RunConfig) -> DataFacts:
+    """Checks that need no workers: backbone known to timm, data present and large enough."""
+    with torch.device("meta"):
+        build_encoder(cfg.model)
+    rows = count_rows(cfg.data)
+    if rows < cfg.data.batch_size:
+        raise UserError(f"data.source {cfg.data.source!r} split {cfg.data.split!r} has {rows} images, "
+                        f"fewer than data.batch_size = {cfg.data.batch_size}")
+    manifest = _manifest_or_empty(cfg.data.source)
+    return DataFacts(rows=rows, num_classes=len(manifest.get("classes", [])))
+
+
+def epochs_needed(cfg: RunConfig, rows: int) -> int:
+    """Whole epochs the stream must cover: each worker drops its last partial batch per epoch."""
+    per_worker = per_worker_batch_size(cfg)
+    steps_per_epoch = max((rows // cfg.train.workers) // per_worker - 1, 1)
+    return math.ceil(cfg.train.steps / steps_per_epoch) + 1
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join `address` / RAY_ADDRESS, or start a local cluster (dashboard on 127.0.0.1 only).
+
+    Returns True when the cluster is a local one whose resources cannot grow, so impossible
+    resource requests can be refused up front; a joined cluster may autoscale.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return address is None and ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    return True
+
+
+def check_resources(cfg: RunConfig, final: bool) -> None:
+    """On a cluster that cannot grow, refuse workers it can never place (and leave CPU for Data)."""
+    if not final:
+        return
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need_cpu = cfg.train.workers * cfg.train.cpus_per_worker
+    if cfg.train.use_gpu and gpus < cfg.train.workers:
+        raise UserError(f"train.workers = {cfg.train.workers} with train.use_gpu needs {cfg.train.workers} GPUs; "
+                        f"this cluster has {gpus:g}")
+    if need_cpu > cpus:
+        raise UserError(f"train.workers x train.cpus_per_worker = {need_cpu:g} CPUs, but this cluster has {cpus:g}; "
+                        "lower train.workers or train.cpus_per_worker")
+    if need_cpu >= cpus:
+        raise UserError(f"train.workers x train.cpus_per_worker = {need_cpu:g} takes every CPU of this cluster "
+                        f"({cpus:g}); Ray Data needs some left to read and augment images")
+
+
+def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None = None, quiet: bool = False,
+             parent_run_id: str | None = None, callbacks: tuple = ()) -> dict[str, Any]:
+    """Run (or resume) one pretraining and return its summary; raises RunFailed if training fails."""
+    facts = preflight(cfg)
+    storage = absolute_storage(cfg.train.storage_path)
+    name = resume or cfg.train.name or time.strftime("lejepa-%Y%m%d-%H%M%S")
+    if not resume and run_exists(storage, name):
+        raise UserError(f"a run named {name!r} already exists under {storage}; use --resume {name} or another train.name")
+    final_cluster = connect_ray(address)
+    check_resources(cfg, final_cluster)
+
+    tracking_uri = resolve_tracking_uri(cfg.track.uri)
+    if resume:
+        record = read_run_record(storage, name)
+        tracker = MLflowTracker.start(record["tracking_uri"], cfg.track.experiment, run_id=record["mlflow_run_id"])
+        tracking_uri = record["tracking_uri"]
+    else:
+        tracker = MLflowTracker.start(tracking_uri, cfg.track.experiment, run_name=cfg.track.run_name or name,
+                                      parent_run_id=parent_run_id, tags=run_environment_tags())
+        tracker.log_params(flatten(cfg))
+        tracker.log_params({"derived.per_worker_batch_size": per_worker_batch_size(cfg),
+                            "derived.warmup_steps": warmup_steps(cfg), "derived.data_rows": facts.rows})
+        tracker.log_dict(to_dict(cfg), "config.json")
+        write_run_record(storage, name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
+                                         "tracking_uri": tracking_uri})
+    _say(quiet, f"run {name}: MLflow run {tracker.run_id} at {tracking_uri}")
+    _say(quiet, f"  view it: mlflow ui --backend-store-uri {tracking_uri}")
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    board = ProgressBoard.remote()
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"run": to_dict(cfg), "num_classes": facts.num_classes,
+                           "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=[ProgressCallback(board), *callbacks]),
+        datasets={"train": train_dataset(cfg.data, seed=cfg.train.seed, epochs=epochs_needed(cfg, facts.rows))},
+    )
+    started = time.monotonic()
+    try:
+        with ProgressPrinter(board, cfg.train.steps, enabled=not quiet):
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        tracker.finish("FAILED")
+        raise RunFailed(f"{name}: {_root_cause(err)} (last good checkpoint kept under {storage}/{name})") from err
+    except BaseException:  # Ctrl-C (Ray Train turns it into SystemExit after aborting the workers)
+        tracker.finish("KILLED")
+        print(f"\nstopped; continue with: lejepa pretrain --resume {name}"
+              + (f" --set train.storage_path={storage}" if cfg.train.storage_path != TrainConfig.storage_path else ""),
+              file=sys.stderr)
+        raise
+    if result.checkpoint is None:
+        tracker.finish("FAILED")
+        raise RunFailed(f"{name}: training ended without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        summary = finalize_run(cfg, tracker, Path(directory), quiet=quiet)
+    tracker.finish("FINISHED")
+    summary.update({"name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,
+                    "tracking_uri": tracking_uri, "wall_time_s": round(time.monotonic() - started, 1)})
+    return summary
+
+
+def pretrain_from_cli(recipe: str | None, *, overrides: list[str], resume: str | None, address: str | None,
+                      quiet: bool) -> dict[str, Any]:
+    """`lejepa pretrain`: resolve the config (from the run record when resuming), then run."""
+    if resume:
+        if recipe:
+            raise UserError("--resume takes the config recorded with the run; do not pass a recipe as well")
+        base = resolve_config(None, [])
+        storage = absolute_storage(apply_overrides(base, [o for o in overrides if o.startswith("train.storage_path=")]).train.storage_path)
+        cfg = apply_overrides(from_dict(RunConfig, read_run_record(storage, resume)["config"]), overrides)
+    else:
+        cfg = resolve_config(recipe, overrides)
+    return pretrain(cfg, resume=resume, address=address, quiet=quiet)
+
+
+def _manifest_or_empty(source: str) -> dict[str, Any]:
+    path = resolve_source(source)
+    try:
+        return read_manifest(path) if path.is_dir() else {}
+    except UserError:
+        return {}
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost worker error as one line."""
+    text = str(err).strip().splitlines()
+    for line in reversed(text):
+        if "NonFiniteLossError" in line or "Error:" in line:
+            return line.strip()
+    return text[-1].strip() if text else type(err).__name__
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)

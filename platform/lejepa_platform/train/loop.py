@@ -1,0 +1,147 @@
+"""The Ray Train worker loop: one function run by every rank.
+
+Rank is read once here and decides only two things: which tracker the rank gets (MLflow on rank
+0, a null tracker elsewhere) and who writes the checkpoint files. Every rank calls
+`ray.train.report` at the same steps, as Ray Train requires.
+
+Exactly-once metrics across restarts: rows are kept in `pending` and written to MLflow only after
+the checkpoint that covers them has been reported; the rows also travel inside that checkpoint.
+After a restart, rank 0 replays the checkpoint's rows that MLflow does not have yet, and steps
+after the checkpoint are recomputed and logged once.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed
+
+from lejepa_platform.config import RunConfig, from_dict, per_worker_batch_size, warmup_steps
+from lejepa_platform.eval.geometry import CollapseAlarm
+from lejepa_platform.tracking import MLflowTracker, NullTracker, Tracker
+from lejepa_platform.train.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from lejepa_platform.train.step import Pretrainer, make_optimizer, train_step
+
+LOSS_KEY = "loss/total"
+COLLAPSE_SIGREG_PER_IMAGE = 0.1
+"""Collapse alarm threshold on SIGReg, per image of the global batch: the statistic grows like
+N x distance; a Gaussian sits near 1 whatever N, a rank-1 embedding near 0.17 N, all-zeros 0.40 N."""
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """Entry point given to TorchTrainer; `loop_config` is built by `launch.pretrain`."""
+    cfg = from_dict(RunConfig, loop_config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.train.torch_threads or max(1, int(-(-cfg.train.cpus_per_worker // 1)))
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.train.seed)
+    model = ray.train.torch.prepare_model(Pretrainer(cfg, loop_config["num_classes"]))  # on device, DDP if world > 1
+    bare = model.module if hasattr(model, "module") else model
+    optimizer = make_optimizer(bare, cfg)
+    step = 0
+    tracker: Tracker = (MLflowTracker.start(loop_config["tracking_uri"], cfg.track.experiment,
+                                            run_id=loop_config["mlflow_run_id"])
+                        if rank == 0 and loop_config.get("mlflow_run_id") else NullTracker())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, _ = load_checkpoint(directory, map_location=device)
+        bare.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        restore_rng(state.rng)
+        step = state.step
+        _replay_missing(tracker, state.pending_metrics)
+
+    per_worker = per_worker_batch_size(cfg)
+    alarm = CollapseAlarm(bare.encoder.embed_dim, sigreg_max=COLLAPSE_SIGREG_PER_IMAGE * cfg.data.batch_size)
+    shard = ray.train.get_dataset_shard("train")
+    pending: list[dict[str, float]] = []
+    window_start, window_steps = time.perf_counter(), 0
+    while step < cfg.train.steps:
+        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
+                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
+        consumed = 0
+        for batch in batches:
+            consumed += 1
+            logging_step = _is_logged(step + 1, cfg)
+            metrics = train_step(model, optimizer, batch, cfg=cfg, step=step, device=device, diagnostics=logging_step)
+            step += 1
+            window_steps += 1
+            if not logging_step:
+                continue
+            elapsed = time.perf_counter() - window_start
+            row = _mean_over_ranks(metrics, world)
+            row["throughput/images_per_s"] = window_steps * per_worker * world / max(elapsed, 1e-9)
+            row["step"] = step
+            pending.append(row)
+            if step > warmup_steps(cfg):
+                _check_collapse(alarm, row, tracker)
+            window_start, window_steps = time.perf_counter(), 0  # reporting time counts in the next window
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                _report_with_checkpoint(row, bare, optimizer, step, pending, cfg, rank)
+                for logged in pending:
+                    tracker.log_metrics(_without_step(logged), step=int(logged["step"]))
+                pending = []
+            else:
+                ray.train.report(row)
+            if step >= cfg.train.steps:
+                break
+        if consumed == 0:
+            raise RuntimeError(f"the training data stream ended at step {step} of {cfg.train.steps}")
+
+
+def _is_logged(step: int, cfg: RunConfig) -> bool:
+    """Steps (counted from 1) that report metrics: every log_every, every checkpoint, the last."""
+    return step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+
+
+def _check_collapse(alarm: CollapseAlarm, row: dict[str, float], tracker: Tracker) -> None:
+    """Warn once (worker log + an MLflow tag) when SIGReg or the effective rank says collapse."""
+    message = alarm.update(int(row["step"]), row["loss/sigreg"], row["embed/effective_rank"])
+    if message:
+        print(f"lejepa: WARNING: {message}", file=sys.stderr)
+        tracker.set_tags({"lejepa.collapse_alarm": message})
+
+
+def _report_with_checkpoint(row: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            step: int, pending: list[dict[str, float]], cfg: RunConfig, rank: int) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (Ray persists it before returning)."""
+    if rank != 0:
+        ray.train.report(row)
+        return
+    with tempfile.TemporaryDirectory(prefix="lejepa-ckpt-") as tmp:
+        state = TrainState(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                           rng=capture_rng(), pending_metrics=list(pending))
+        save_checkpoint(tmp, state, cfg)
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _replay_missing(tracker: Tracker, rows: list[dict[str, float]]) -> None:
+    """Log the checkpoint's rows that the tracker does not have yet (a crash between report and log)."""
+    last = max((s for s, _ in tracker.history(LOSS_KEY)), default=-1)
+    for row in rows:
+        if int(row["step"]) > last:
+            tracker.log_metrics(_without_step(row), step=int(row["step"]))
+
+
+def _mean_over_ranks(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """Logged values are global-batch values: per-rank terms (prediction, probe) averaged over ranks."""
+    keys = sorted(metrics)
+    values = torch.stack([metrics[k].detach().float() for k in keys])
+    if world > 1:
+        torch.distributed.all_reduce(values)
+        values /= world
+    return dict(zip(keys, values.tolist()))
+
+
+def _without_step(row: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k != "step"}

@@ -1,0 +1,120 @@
+"""One LeJEPA optimizer step, independent of Ray: the worker loop, the DDP-equivalence test and
+`lejepa bench step` all call exactly this code.
+
+The model is one module (`Pretrainer`: encoder + online probe) so that a single DDP wrapper keeps
+both in sync across ranks. The probe reads DETACHED backbone embeddings: it never shapes the
+encoder, and its accuracy is the optimistic online number, not an offline probe.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import nn
+
+from lejepa_platform.config import RunConfig, warmup_steps
+from lejepa_platform.data.views import normalize
+from lejepa_platform.eval.geometry import effective_rank
+from lejepa_platform.loss import lejepa_loss, slice_directions
+from lejepa_platform.model import build_encoder
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf: the step is not applied and no checkpoint is written after it."""
+
+
+class Pretrainer(nn.Module):
+    """Encoder plus an optional online linear probe (LayerNorm + Linear) on detached embeddings."""
+
+    def __init__(self, cfg: RunConfig, num_classes: int):
+        super().__init__()
+        self.encoder = build_encoder(cfg.model)
+        self.probe = (nn.Sequential(nn.LayerNorm(self.encoder.embed_dim), nn.Linear(self.encoder.embed_dim, num_classes))
+                      if cfg.train.probe and num_classes > 0 else None)
+
+    def forward(self, global_views: torch.Tensor, local_views: torch.Tensor | None):
+        out = self.encoder(global_views, local_views)
+        logits = None
+        if self.probe is not None:
+            g = global_views.shape[1]
+            logits = self.probe(out.embeddings[:g].detach().float().flatten(0, 1))
+        return out, logits
+
+
+def make_optimizer(model: Pretrainer, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; the probe gets its own learning rate and no weight decay."""
+    groups = [{"params": list(model.encoder.parameters()), "lr": cfg.train.lr,
+               "weight_decay": cfg.train.weight_decay, "base_lr": cfg.train.lr}]
+    if model.probe is not None:
+        groups.append({"params": list(model.probe.parameters()), "lr": cfg.train.probe_lr,
+                       "weight_decay": 0.0, "base_lr": cfg.train.probe_lr})
+    return torch.optim.AdamW(groups)
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to 1, then cosine down to 1/1000 at the last step (a pure function of step)."""
+    warm = warmup_steps(cfg)
+    if step < warm:
+        return (step + 1) / warm
+    span = max(cfg.train.steps - warm, 1)
+    progress = min((step - warm) / span, 1.0)
+    floor = 1e-3
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPU (or when asked), none (float32) on CPU by default."""
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], *,
+               cfg: RunConfig, step: int, device: torch.device, diagnostics: bool = False) -> dict[str, torch.Tensor]:
+    """Forward, LeJEPA loss (+ probe loss), backward and AdamW update for optimizer step `step`.
+
+    `model` is a `Pretrainer`, possibly DDP-wrapped. Raises NonFiniteLossError before updating
+    when the loss is not finite. Returns detached scalar tensors for logging; `diagnostics` adds
+    the effective rank of the batch's embeddings (an SVD: only on logging steps).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+    global_views = normalize(batch["global"].to(device, non_blocking=True))
+    local = batch.get("local")
+    local_views = normalize(local.to(device, non_blocking=True)) if local is not None and local.shape[1] else None
+    g = global_views.shape[1]
+
+    dtype = autocast_dtype(cfg, device)
+    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out, logits = model(global_views, local_views)
+    directions = slice_directions(out.projections.shape[-1], cfg.loss.num_slices, seed=cfg.train.seed,
+                                  step=step, device=device)
+    proj = out.projections.float()
+    terms = lejepa_loss(proj[:g], proj[g:] if proj.shape[0] > g else None, directions,
+                        lam=cfg.loss.lam, knots=cfg.loss.knots, t_max=cfg.loss.t_max)
+    objective = terms.total
+    metrics = {"loss/total": terms.total.detach(), "loss/prediction": terms.prediction.detach(),
+               "loss/sigreg": terms.sigreg.detach()}
+    for v, value in enumerate(terms.sigreg_per_view.detach()):
+        metrics[f"sigreg/view{v}"] = value
+    labels = batch.get("label")
+    if logits is not None and labels is not None and bool((labels >= 0).all()):
+        targets = labels.to(device).long().repeat(g)
+        probe_loss = nn.functional.cross_entropy(logits, targets)
+        objective = objective + probe_loss
+        metrics["probe/loss"] = probe_loss.detach()
+        metrics["probe/online_acc"] = (logits.argmax(1) == targets).float().mean()
+
+    if not bool(torch.isfinite(objective)):
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {values}")
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    optimizer.step()
+    metrics["lr"] = torch.tensor(optimizer.param_groups[0]["lr"], device=device)
+    metrics["embed/std"] = out.embeddings[:g].detach().float().std(dim=1).mean()
+    metrics["proj/std"] = proj[:g].detach().std(dim=1).mean()
+    if diagnostics:
+        metrics["embed/effective_rank"] = torch.tensor(effective_rank(out.embeddings[:g].detach().float().flatten(0, 1)),
+                                                       device=device)
+    return metrics
