@@ -31,8 +31,8 @@ def _pretrain(args: argparse.Namespace) -> dict:
 def _shards_build(args: argparse.Namespace) -> dict:
     from lejepa_platform.data.shards import build_shards
 
-    return build_shards(args.source, args.out, rows_per_shard=args.rows_per_shard,
-                        image_format=args.format, max_side=args.max_side)
+    return build_shards(args.source, args.out, rows_per_shard=args.rows_per_shard, image_format=args.format,
+                        max_side=args.max_side, test_fraction=args.test_fraction, split_seed=args.split_seed)
 
 
 def _shards_inspect(args: argparse.Namespace) -> dict:
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("png", "jpeg", "keep"), default="keep",
                    help="re-encode images (keep: store encoded files as they are; arrays become png)")
     p.add_argument("--max-side", type=int, default=0, help="downscale so the longer side is at most PX (0: never)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="held-out share recorded as a fixed, stratified train/test split (0: none); "
+                        "pretraining reads the train part, evaluation scores on the test part")
+    p.add_argument("--split-seed", type=int, default=0)
     p = command("inspect", _shards_inspect, "rows, classes, shards and unreadable records of a shard dir", shards_sub)
     p.add_argument("dir")
 

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from lejepa_platform.config import (RunConfig, TrainConfig, apply_overrides, flatten, from_dict, per_worker_batch_size,
                                     to_dict, warmup_steps)
-from lejepa_platform.data.pipeline import count_rows, train_dataset
+from lejepa_platform.data.pipeline import DataStats, count_rows, train_dataset
 from lejepa_platform.data.shards import read_manifest, resolve_source
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import RunFailed, UserError
@@ -134,6 +134,7 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     board = ProgressBoard.remote()
+    data_stats = DataStats()
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"run": to_dict(cfg), "num_classes": facts.num_classes,
@@ -146,7 +147,8 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[ProgressCallback(board), *callbacks]),
-        datasets={"train": train_dataset(cfg.data, seed=cfg.train.seed, epochs=epochs_needed(cfg, facts.rows))},
+        datasets={"train": train_dataset(cfg.data, seed=cfg.train.seed, epochs=epochs_needed(cfg, facts.rows),
+                                         stats=data_stats)},
     )
     started = time.monotonic()
     try:
@@ -161,13 +163,17 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
               + (f" --set train.storage_path={storage}" if cfg.train.storage_path != TrainConfig.storage_path else ""),
               file=sys.stderr)
         raise
+    data_summary = data_stats.log_summary()
+    tracker.log_metrics({"data/records_read": data_summary["records"], "data/records_skipped": data_summary["skipped"]},
+                        step=cfg.train.steps)
     if result.checkpoint is None:
         tracker.finish("FAILED")
         raise RunFailed(f"{name}: training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         summary = finalize_run(cfg, tracker, Path(directory), quiet=quiet)
     tracker.finish("FINISHED")
-    summary.update({"name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,
+    summary.update({"data": {"records_read": data_summary["records"], "skipped": data_summary["reasons"]},
+                    "name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,
                     "tracking_uri": tracking_uri, "wall_time_s": round(time.monotonic() - started, 1)})
     return summary
 

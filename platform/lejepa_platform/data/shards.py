@@ -1,0 +1,402 @@
+"""Write, read and inspect Parquet image shards: columns image (encoded bytes), label (int64, -1 when
+unlabelled), id (string, stable across rebuilds), plus a manifest.json.
+
+Atomicity: a build writes into the sibling directory `OUT.partial`; each shard appears there only by
+an atomic rename of a finished file, and the whole directory is renamed to OUT after the manifest is
+in place. So OUT either does not exist or is complete; re-running an interrupted build with the same
+arguments keeps the finished shards and continues after them (each shard records, in its Parquet
+metadata, how far into the source it reaches).
+
+Split: with `test_fraction` > 0 a fixed train/test split is recorded in the manifest, not in the
+shards: a record is in the test split when a seeded 63-bit hash of its id is at most its class's
+threshold; thresholds are chosen so each class contributes exactly round(fraction * class size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from lejepa_platform import __version__
+from lejepa_platform.config import DataConfig
+from lejepa_platform.data.decode import BadImage, array_to_image, count_reasons, encode, load_image, open_image
+from lejepa_platform.data.sources import (MANIFEST, SHARD_COLUMNS, RawRecord, ShardSource, open_source, read_manifest,
+                                          resolve_source)
+from lejepa_platform.errors import UserError
+
+__all__ = ["build_shards", "inspect_shards", "read_manifest", "resolve_source", "split_mask", "split_rows"]
+
+FORMAT = "lejepa-shards/1"
+ROW_GROUP_ROWS = 256
+"""Rows per Parquet row group: the smallest unit a reader fetches."""
+MAX_PIXELS = DataConfig().max_image_pixels
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("id", pa.string())])
+_STATE = "build.json"
+_META_END = b"lejepa.source_end"
+_META_SKIPPED = b"lejepa.skipped"
+
+
+# --------------------------------------------------------------------------------------------
+# The fixed split
+
+
+def split_key(seed: int, record_id: str) -> int:
+    """Seeded 63-bit hash of a record id (independent of process, platform and row order)."""
+    digest = hashlib.blake2b(f"{seed}\x00{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _split_spec(labels: np.ndarray, keys: np.ndarray, fraction: float, seed: int) -> dict:
+    thresholds: dict[str, int] = {}
+    test = 0
+    for label in np.unique(labels):
+        group = np.sort(keys[labels == label])
+        k = int(round(fraction * len(group)))
+        thresholds[str(int(label))] = int(group[k - 1]) if k > 0 else -1
+        test += k
+    return {"method": "stratified" if (labels >= 0).any() else "random", "seed": seed, "test_fraction": fraction,
+            "rows": {"train": int(len(labels) - test), "test": int(test)}, "test_max_key": thresholds}
+
+
+def split_mask(ids: Sequence[str], labels: Sequence[int] | np.ndarray, spec: dict | None, split: str) -> np.ndarray:
+    """Boolean mask of the rows in `split` (train, test or all) under a manifest's split spec."""
+    if split == "all" or spec is None:
+        return np.ones(len(ids), dtype=bool)
+    thresholds = spec["test_max_key"]
+    seed = spec["seed"]
+    test = np.fromiter((split_key(seed, i) <= thresholds.get(str(int(lab)), -1) for i, lab in zip(ids, labels)),
+                       dtype=bool, count=len(ids))
+    return test if split == "test" else ~test
+
+
+def split_rows(source: str) -> dict[str, int] | None:
+    """{"train": n, "test": n} when the source has a fixed split, else None (all rows only)."""
+    path = resolve_source(source)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        split = read_manifest(path).get("split")
+        return dict(split["rows"]) if split else None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    image_format: str
+    max_side: int
+    max_pixels: int
+
+
+def _shrink(image: Image.Image, max_side: int) -> Image.Image | None:
+    width, height = image.size
+    if max_side <= 0 or max(width, height) <= max_side:
+        return None
+    scale = max_side / max(width, height)
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+
+
+def _convert(record: RawRecord, opts: _Options) -> bytes | str:
+    """Encoded bytes for the shard, or the skip reason."""
+    try:
+        if isinstance(record.payload, np.ndarray):
+            image = array_to_image(record.payload)
+            image = _shrink(image, opts.max_side) or image
+            return encode(image, "jpeg" if opts.image_format == "jpeg" else "png")
+        if opts.image_format == "keep":
+            header = open_image(record.payload, opts.max_pixels)
+            if opts.max_side <= 0 or max(header.size) <= opts.max_side:
+                return bytes(record.payload)
+            original = "jpeg" if header.format == "JPEG" else "png"
+            return encode(_shrink(load_image(record.payload, opts.max_pixels), opts.max_side), original)
+        image = load_image(record.payload, opts.max_pixels)
+        return encode(_shrink(image, opts.max_side) or image, opts.image_format)
+    except BadImage as err:
+        return err.reason
+    except ValueError:
+        return "undecodable"
+
+
+def _digest(table: pa.Table) -> str:
+    digest = hashlib.sha256()
+    for image, label, record_id in zip(table.column("image").to_pylist(), table.column("label").to_pylist(),
+                                       table.column("id").to_pylist()):
+        digest.update(f"{record_id}\t{label}\t".encode() + hashlib.sha256(image).digest())
+    return digest.hexdigest()
+
+
+class _Staging:
+    """The OUT.partial directory: finished shards, the build state, and the atomic hand-over."""
+
+    def __init__(self, out: Path, plan: str) -> None:
+        self.out = out
+        self.dir = out.with_name(out.name + ".partial")
+        self.plan = plan
+        self.created = False
+
+    def resume(self) -> list[Path]:
+        """Finished shards of an earlier run of the same plan; anything else there is cleared."""
+        if not self.dir.exists():
+            return []
+        state = self.dir / _STATE
+        if state.is_file() and json.loads(state.read_text()).get("plan") == self.plan:
+            done = []
+            while (self.dir / _shard_name(len(done))).is_file():
+                done.append(self.dir / _shard_name(len(done)))
+            return done
+        ours = all(p.name.startswith(("part-", ".part-", MANIFEST, f".{MANIFEST}", _STATE, f".{_STATE}"))
+                   for p in self.dir.iterdir())
+        if not ours:
+            raise UserError(f"{str(self.dir)!r} exists and was not made by `lejepa shards build`; move it away")
+        shutil.rmtree(self.dir)
+        return []
+
+    def write(self, index: int, table: pa.Table) -> Path:
+        if not self.dir.exists():
+            try:
+                self.dir.mkdir(parents=True)
+            except OSError as err:
+                raise UserError(f"cannot write to {str(self.out)!r}: {err.strerror or err}") from None
+            self.created = True
+            _atomic_write(self.dir / _STATE, json.dumps({"plan": self.plan}))
+        final = self.dir / _shard_name(index)
+        tmp = self.dir / f".{final.name}.tmp"
+        try:
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+            os.replace(tmp, final)
+        except OSError as err:
+            raise UserError(f"cannot write to {str(self.out)!r}: {err.strerror or err}") from None
+        return final
+
+    def finish(self, manifest: dict) -> None:
+        _atomic_write(self.dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        (self.dir / _STATE).unlink()
+        if self.out.is_dir():
+            self.out.rmdir()  # empty (checked before the build)
+        os.rename(self.dir, self.out)
+
+    def abandon(self) -> None:
+        """Remove a staging directory this run created and filled with nothing worth resuming."""
+        if self.created:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _check_writable(out: Path) -> None:
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {str(out)!r}: {str(probe)!r} is not a writable directory")
+
+
+def build_shards(source: str, out: str, *, rows_per_shard: int = 4096, image_format: str = "keep",
+                 max_side: int = 0, class_names: Sequence[str] | None = None, test_fraction: float = 0.0,
+                 split_seed: int = 0, meta: dict | None = None) -> dict:
+    """Convert `source` into Parquet shards in `out` (see the module docstring); JSON-ready summary.
+
+    image_format: keep (store encoded files as they are; arrays become PNG), png (lossless) or jpeg.
+    max_side: downscale so the longer side is at most this many pixels (0: never).
+    class_names: override the names found in the source. test_fraction / split_seed: record a fixed
+    stratified split in the manifest. meta: extra manifest entries (name, licence, description).
+    """
+    started = time.perf_counter()
+    if rows_per_shard < 1:
+        raise UserError(f"rows per shard = {rows_per_shard} is not allowed: must be >= 1")
+    if image_format not in ("keep", "png", "jpeg"):
+        raise UserError(f"image format {image_format!r} is not allowed: must be one of keep, png, jpeg")
+    if max_side < 0:
+        raise UserError(f"max side = {max_side} is not allowed: must be >= 0 (0: never downscale)")
+    if not 0.0 <= test_fraction < 1.0:
+        raise UserError(f"test fraction = {test_fraction} is not allowed: must be in [0, 1)")
+    src = open_source(source)
+    names = list(class_names) if class_names is not None else src.class_names()
+    out_path = Path(out).expanduser().resolve()
+    settings = {"format": FORMAT, "source": src.fingerprint(), "kind": src.kind, "rows_per_shard": rows_per_shard,
+                "image_format": image_format, "max_side": max_side, "class_names": names,
+                "test_fraction": test_fraction, "split_seed": split_seed, "meta": meta or {}, "max_pixels": MAX_PIXELS}
+    plan = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    if out_path.exists():
+        if (out_path / MANIFEST).is_file():
+            manifest = read_manifest(out_path)
+            if manifest.get("build", {}).get("plan") == plan:
+                return _summary(out_path, manifest, "unchanged", 0, started)
+            raise UserError(f"{str(out_path)!r} already holds shards of a different build; delete it or choose another")
+        if not out_path.is_dir() or any(out_path.iterdir()):
+            raise UserError(f"{str(out_path)!r} exists and is not an empty directory")
+    _check_writable(out_path)
+    staging = _Staging(out_path, plan)
+    done = staging.resume()
+    try:
+        manifest = _write_all(src, staging, done, names, rows_per_shard, split_seed,
+                              _Options(image_format, max_side, MAX_PIXELS))
+    except UserError:
+        staging.abandon()  # bad input: leave nothing behind; an interruption keeps its shards for a re-run
+        raise
+    manifest.update({"source": src.describe(), "image_format": image_format, "max_side": max_side,
+                     "rows_per_shard": rows_per_shard})
+    labels, keys = manifest.pop("_labels"), manifest.pop("_keys")
+    manifest["split"] = _split_spec(labels, keys, test_fraction, split_seed) if test_fraction > 0 else None
+    manifest["build"] = {"plan": plan, "tool": f"lejepa_platform {__version__}"}
+    manifest = {"format": FORMAT, "name": (meta or {}).get("name", out_path.name), **(meta or {}), **manifest}
+    staging.finish(manifest)
+    return _summary(out_path, manifest, "resumed" if done else "built", len(done), started)
+
+
+def _write_all(src, staging: _Staging, done: list[Path], names: list[str], rows_per_shard: int, split_seed: int,
+               opts: _Options) -> dict:
+    """Stream the source into shards after the `done` ones; the manifest's counting part."""
+    shards, labels, keys, skipped, consumed = [], [], [], Counter(), 0
+    for path in done:
+        table = pq.read_table(path, columns=list(SHARD_COLUMNS))
+        meta = pq.read_schema(path).metadata or {}
+        consumed = int(meta[_META_END])
+        skipped.update(json.loads(meta[_META_SKIPPED]))
+        shards.append({"file": path.name, "rows": table.num_rows, "sha256": _digest(table)})
+        labels.append(table.column("label").to_numpy())
+        keys.append(np.array([split_key(split_seed, i) for i in table.column("id").to_pylist()], dtype=np.int64))
+    buffer: list[tuple[bytes, int, str]] = []
+    shard_skipped: Counter = Counter()
+
+    def flush() -> None:
+        table = pa.Table.from_arrays([pa.array([b[0] for b in buffer], pa.binary()),
+                                      pa.array([b[1] for b in buffer], pa.int64()),
+                                      pa.array([b[2] for b in buffer], pa.string())], schema=SCHEMA)
+        table = table.replace_schema_metadata({_META_END: str(consumed), _META_SKIPPED: json.dumps(shard_skipped)})
+        path = staging.write(len(shards), table)
+        shards.append({"file": path.name, "rows": table.num_rows, "sha256": _digest(table)})
+        labels.append(table.column("label").to_numpy())
+        keys.append(np.array([split_key(split_seed, b[2]) for b in buffer], dtype=np.int64))
+        skipped.update(shard_skipped)
+        print(f"shards: wrote {path.name} ({table.num_rows} rows, {sum(s['rows'] for s in shards)} so far)",
+              file=sys.stderr)
+        buffer.clear()
+        shard_skipped.clear()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for chunk in _chunks(src.records(skip=consumed), 256):
+            for record, result in zip(chunk, pool.map(lambda r: _convert(r, opts), chunk)):
+                consumed += 1
+                if isinstance(result, str):
+                    shard_skipped[result] += 1
+                    continue
+                if record.label < -1 or (names and record.label >= len(names)):
+                    raise UserError(f"record {record.id!r} has label {record.label}; allowed: -1 (unlabelled) or "
+                                    f"0..{len(names) - 1} for the {len(names)} class names" if names else
+                                    f"record {record.id!r} has label {record.label}; allowed: -1 or >= 0")
+                buffer.append((result, record.label, record.id))
+                if len(buffer) == rows_per_shard:
+                    flush()
+    if buffer:
+        flush()
+    skipped.update(shard_skipped)
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    if len(all_labels) == 0:
+        reasons = count_reasons([skipped])
+        raise UserError(f"no readable images in {src.name!r} ({consumed} records, skipped: "
+                        + ", ".join(f"{k} {v}" for k, v in reasons.items()) + ")")
+    if not names and (all_labels >= 0).any():
+        names = [str(i) for i in range(int(all_labels.max()) + 1)]
+    counts = np.bincount(all_labels[all_labels >= 0], minlength=len(names)) if names else np.zeros(0, np.int64)
+    return {"rows": int(len(all_labels)), "shards": shards, "classes": names,
+            "class_counts": [int(c) for c in counts], "unlabelled": int((all_labels < 0).sum()),
+            "skipped": count_reasons([skipped]),
+            "content_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
+            "_labels": all_labels, "_keys": np.concatenate(keys)}
+
+
+def _chunks(records: Iterable[RawRecord], size: int) -> Iterable[list[RawRecord]]:
+    chunk: list[RawRecord] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _summary(out: Path, manifest: dict, status: str, resumed: int, started: float) -> dict:
+    keys = ("name", "rows", "classes", "class_counts", "unlabelled", "skipped", "split", "content_hash", "source")
+    summary = {"out": str(out), "status": status, **{k: manifest.get(k) for k in keys}}
+    summary["shards"] = len(manifest["shards"])
+    summary["resumed_shards"] = resumed
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Inspecting
+
+
+def _check_record(data: bytes) -> str | None:
+    try:
+        load_image(data, MAX_PIXELS)
+    except BadImage as err:
+        return err.reason
+    return None
+
+
+def inspect_shards(path: str) -> dict:
+    """Rows, class counts, shards, split and unreadable records (every image is decoded)."""
+    resolved = resolve_source(path)
+    if not (resolved.suffix == ".parquet" or (resolved.is_dir() and (
+            (resolved / MANIFEST).is_file() or any(p.suffix == ".parquet" for p in resolved.iterdir())))):
+        raise UserError(f"{path!r} is not a shard directory (no {MANIFEST} or .parquet files)")
+    source = ShardSource(resolved)
+    manifest = source.manifest
+    names = source.class_names()
+    counts: Counter = Counter()
+    bad: Counter = Counter()
+    examples: list[str] = []
+    shards = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for file in source.files:
+            table = pq.read_table(file, columns=list(SHARD_COLUMNS))
+            ids = table.column("id").to_pylist()
+            counts.update(table.column("label").to_pylist())
+            for record_id, reason in zip(ids, pool.map(_check_record, table.column("image").to_pylist())):
+                if reason:
+                    bad[reason] += 1
+                    if len(examples) < 5:
+                        examples.append(record_id)
+            shards.append({"file": file.name, "rows": table.num_rows, "bytes": file.stat().st_size,
+                           "sha256": _digest(table)})
+    labels = sorted(k for k in counts if k >= 0)
+    classes = [{"label": k, "name": names[k] if k < len(names) else str(k), "count": counts[k]} for k in labels]
+    result = {"path": str(resolved), "rows": sum(s["rows"] for s in shards), "classes": classes,
+              "unlabelled": counts.get(-1, 0), "shards": shards,
+              "unreadable": {"total": sum(bad.values()), **count_reasons([bad]), "examples": examples},
+              "manifest": manifest is not None}
+    if manifest is not None:
+        content = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+        result["split"] = (manifest.get("split") or {}).get("rows")
+        result["content_hash"] = content
+        result["content_hash_matches_manifest"] = content == manifest.get("content_hash")
+    return result
