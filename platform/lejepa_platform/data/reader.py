@@ -1,7 +1,8 @@
 """Units of work over a source, and what one unit becomes (no Ray here).
 
 A plan cuts a readable source (shard directory, image folder, WebDataset tars) into units of a few
-hundred records: consecutive Parquet row groups, a slice of the folder listing, or one tar. A unit
+hundred records: consecutive Parquet row groups (local or behind a URI: the plan carries the
+filesystem they are read through), a slice of the folder listing, or one tar. A unit
 turns into blocks of views (training) or centre crops (evaluation), with bad records skipped and
 counted. The same functions run inside Ray Data tasks, in the DataLoader workers of the benchmark's
 baseline and in-process for small evaluation sets, so the three cannot drift apart.
@@ -20,12 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data.decode import decode_batch
 from lejepa_platform.data.shards import split_mask
-from lejepa_platform.data.sources import (SHARD_COLUMNS, FolderSource, ShardSource, TarSource, iter_tar,
+from lejepa_platform.data.sources import (LOCAL_FS, SHARD_COLUMNS, FolderSource, ShardSource, TarSource, iter_tar,
                                           open_source)
 from lejepa_platform.data.views import center_views, decode_side, multi_crop, record_seed
 from lejepa_platform.errors import UserError
@@ -64,6 +66,8 @@ class Plan:
     split_spec: dict | None
     rows: int
     class_names: tuple[str, ...]
+    filesystem: pafs.FileSystem
+    """Where the units' Parquet files are read from (picklable: Ray tasks receive it with the plan)."""
 
 
 def plan_source(source: str, split: str) -> Plan:
@@ -71,19 +75,19 @@ def plan_source(source: str, split: str) -> Plan:
     if split not in ("train", "test", "all"):
         raise UserError(f"split {split!r} is not allowed: must be one of train, test, all")
     src = open_source(source)
-    spec = None
+    spec, filesystem = None, LOCAL_FS
     if isinstance(src, ShardSource):
         spec = src.manifest.get("split") if src.manifest else None
+        filesystem = src.filesystem
         units, total = [], 0
-        for file in src.files:
-            meta = pq.ParquetFile(file).metadata
+        for file, meta in zip(src.files, src.footers):
             group: list[int] = []
             rows = 0
             for index in range(meta.num_row_groups):
                 group.append(index)
                 rows += meta.row_group(index).num_rows
                 if rows >= UNIT_ROWS or index == meta.num_row_groups - 1:
-                    units.append(Unit("parquet", str(file), row_groups=tuple(group)))
+                    units.append(Unit("parquet", file, row_groups=tuple(group)))
                     total += rows
                     group, rows = [], 0
     elif isinstance(src, FolderSource):
@@ -106,7 +110,7 @@ def plan_source(source: str, split: str) -> Plan:
     rows = total if split == "all" else int(spec["rows"][split])
     if rows == 0:
         raise UserError(f"{source!r} has no rows in split {split!r}")
-    return Plan(source, tuple(units), split, spec, rows, tuple(src.class_names()))
+    return Plan(source, tuple(units), split, spec, rows, tuple(src.class_names()), filesystem)
 
 
 def epoch_units(plan: Plan, seed: int, epoch: int) -> list[Unit]:
@@ -118,7 +122,8 @@ def epoch_units(plan: Plan, seed: int, epoch: int) -> list[Unit]:
 def load_unit(unit: Unit, plan: Plan) -> Iterator[tuple[list, np.ndarray, list[str]]]:
     """(encoded images, labels, ids) of the unit's rows in the plan's split, in chunks of <= UNIT_ROWS."""
     if unit.kind == "parquet":
-        table = pq.ParquetFile(unit.path).read_row_groups(list(unit.row_groups), columns=list(SHARD_COLUMNS))
+        handle = pq.ParquetFile(unit.path, filesystem=plan.filesystem)
+        table = handle.read_row_groups(list(unit.row_groups), columns=list(SHARD_COLUMNS))
         chunks = [(table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64),
                    table.column("id").to_pylist())]
     elif unit.kind == "files":

@@ -7,6 +7,11 @@ in place. So OUT either does not exist or is complete; re-running an interrupted
 arguments keeps the finished shards and continues after them (each shard records, in its Parquet
 metadata, how far into the source it reaches).
 
+Object storage: OUT may be a URI (s3://, gs://, hdfs://, file://). The build then runs as above in a
+local staging directory (under the system temporary directory, kept until the upload succeeds, so a
+re-run resumes it), after which every shard is uploaded and the manifest last: a reader that finds
+the manifest finds every shard it names. A re-run after a failed upload uploads every shard again.
+
 Split: with `test_fraction` > 0 a fixed train/test split is recorded in the manifest, not in the
 shards: a record is in the test split when a seeded 63-bit hash of its id is at most its class's
 threshold; thresholds are chosen so each class contributes exactly round(fraction * class size).
@@ -20,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -28,14 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
 from lejepa_platform import __version__
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data.decode import BadImage, array_to_image, count_reasons, encode, load_image, open_image
-from lejepa_platform.data.sources import (MANIFEST, SHARD_COLUMNS, RawRecord, ShardSource, open_source, read_manifest,
-                                          resolve_source)
+from lejepa_platform.data.sources import (LOCAL_FS, MANIFEST, SHARD_COLUMNS, RawRecord, ShardSource, is_uri, locate,
+                                          open_source, read_manifest, resolve_source)
 from lejepa_platform.errors import UserError
 
 __all__ = ["build_shards", "inspect_shards", "read_manifest", "resolve_source", "split_mask", "split_rows"]
@@ -85,9 +92,9 @@ def split_mask(ids: Sequence[str], labels: Sequence[int] | np.ndarray, spec: dic
 
 def split_rows(source: str) -> dict[str, int] | None:
     """{"train": n, "test": n} when the source has a fixed split, else None (all rows only)."""
-    path = resolve_source(source)
-    if path.is_dir() and (path / MANIFEST).is_file():
-        split = read_manifest(path).get("split")
+    filesystem, root = locate(source)
+    if filesystem.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
+        split = read_manifest(root, filesystem, where=source).get("split")
         return dict(split["rows"]) if split else None
     return None
 
@@ -237,16 +244,19 @@ def build_shards(source: str, out: str, *, rows_per_shard: int = 4096, image_for
         raise UserError(f"test fraction = {test_fraction} is not allowed: must be in [0, 1)")
     src = open_source(source)
     names = list(class_names) if class_names is not None else src.class_names()
-    out_path = Path(out).expanduser().resolve()
+    upload = _Upload(out) if is_uri(out) else None
     settings = {"format": FORMAT, "source": src.fingerprint(), "kind": src.kind, "rows_per_shard": rows_per_shard,
                 "image_format": image_format, "max_side": max_side, "class_names": names,
                 "test_fraction": test_fraction, "split_seed": split_seed, "meta": meta or {}, "max_pixels": MAX_PIXELS}
     plan = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    if upload is not None and (manifest := upload.finished(plan)) is not None:
+        return _summary(out, manifest, "unchanged", 0, started)
+    out_path = upload.staging if upload is not None else Path(out).expanduser().resolve()
     if out_path.exists():
         if (out_path / MANIFEST).is_file():
             manifest = read_manifest(out_path)
             if manifest.get("build", {}).get("plan") == plan:
-                return _summary(out_path, manifest, "unchanged", 0, started)
+                return _finish(upload, out_path, manifest, "unchanged", 0, started)
             raise UserError(f"{str(out_path)!r} already holds shards of a different build; delete it or choose another")
         if not out_path.is_dir() or any(out_path.iterdir()):
             raise UserError(f"{str(out_path)!r} exists and is not an empty directory")
@@ -266,7 +276,68 @@ def build_shards(source: str, out: str, *, rows_per_shard: int = 4096, image_for
     manifest["build"] = {"plan": plan, "tool": f"lejepa_platform {__version__}"}
     manifest = {"format": FORMAT, "name": (meta or {}).get("name", out_path.name), **(meta or {}), **manifest}
     staging.finish(manifest)
-    return _summary(out_path, manifest, "resumed" if done else "built", len(done), started)
+    return _finish(upload, out_path, manifest, "resumed" if done else "built", len(done), started)
+
+
+def _finish(upload: _Upload | None, out: Path, manifest: dict, status: str, resumed: int, started: float) -> dict:
+    """The summary of a local build, after uploading it when OUT is a URI."""
+    if upload is None:
+        return _summary(out, manifest, status, resumed, started)
+    upload.send(out, manifest)
+    return _summary(upload.uri, manifest, "resumed" if status == "unchanged" else status, resumed, started)
+
+
+class _Upload:
+    """OUT given as a URI: where its local staging build lives, and the upload of the finished build."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.filesystem, self.root = locate(uri, must_exist=False)
+        key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        self.staging = Path(tempfile.gettempdir()) / "lejepa-shards" / key / self.root.rsplit("/", 1)[-1]
+
+    def finished(self, plan: str) -> dict | None:
+        """The manifest when OUT already holds this build; UserError when it holds anything else."""
+        try:
+            info = self.filesystem.get_file_info(self.root)
+            entries = ([] if info.type != pafs.FileType.Directory else
+                       [e.base_name for e in self.filesystem.get_file_info(pafs.FileSelector(self.root))])
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"cannot open {self.uri!r}: {err}") from None
+        if info.type == pafs.FileType.File:
+            raise UserError(f"{self.uri!r} exists and is not a directory")
+        if MANIFEST in entries:
+            manifest = read_manifest(self.root, self.filesystem, where=self.uri)
+            if manifest.get("build", {}).get("plan") == plan:
+                return manifest
+            raise UserError(f"{self.uri!r} already holds shards of a different build; delete it or choose another")
+        if any(not name.startswith("part-") for name in entries):  # shards of an interrupted upload are fine
+            raise UserError(f"{self.uri!r} exists and is not empty; choose an empty or new location")
+        staged = self.staging / MANIFEST
+        if staged.is_file() and read_manifest(self.staging).get("build", {}).get("plan") != plan:
+            shutil.rmtree(self.staging)  # a staged build of other settings for this URI, never uploaded
+        return None
+
+    def send(self, staged: Path, manifest: dict) -> None:
+        """Every shard, then the manifest; shards left by an earlier interrupted upload are replaced or removed."""
+        names = [entry["file"] for entry in manifest["shards"]]
+        try:
+            self.filesystem.create_dir(self.root)
+            for name in names:
+                _put(staged / name, self.filesystem, f"{self.root}/{name}")
+                print(f"shards: uploaded {name}", file=sys.stderr)
+            for info in self.filesystem.get_file_info(pafs.FileSelector(self.root)):
+                if info.base_name.startswith("part-") and info.base_name not in names:
+                    self.filesystem.delete_file(info.path)
+            _put(staged / MANIFEST, self.filesystem, f"{self.root}/{MANIFEST}")
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"cannot write to {self.uri!r}: {err} (re-run to upload again)") from None
+        shutil.rmtree(self.staging.parent, ignore_errors=True)
+
+
+def _put(local: Path, filesystem: pafs.FileSystem, path: str) -> None:
+    """Copy one local file to `path` in `filesystem` (on object storage it appears whole or not at all)."""
+    pafs.copy_files(str(local), path, source_filesystem=LOCAL_FS, destination_filesystem=filesystem)
 
 
 def _write_all(src, staging: _Staging, done: list[Path], names: list[str], rows_per_shard: int, split_seed: int,
@@ -342,7 +413,7 @@ def _chunks(records: Iterable[RawRecord], size: int) -> Iterable[list[RawRecord]
         yield chunk
 
 
-def _summary(out: Path, manifest: dict, status: str, resumed: int, started: float) -> dict:
+def _summary(out: Path | str, manifest: dict, status: str, resumed: int, started: float) -> dict:
     keys = ("name", "rows", "classes", "class_counts", "unlabelled", "skipped", "split", "content_hash", "source")
     summary = {"out": str(out), "status": status, **{k: manifest.get(k) for k in keys}}
     summary["shards"] = len(manifest["shards"])
@@ -365,11 +436,12 @@ def _check_record(data: bytes) -> str | None:
 
 def inspect_shards(path: str) -> dict:
     """Rows, class counts, shards, split and unreadable records (every image is decoded)."""
-    resolved = resolve_source(path)
-    if not (resolved.suffix == ".parquet" or (resolved.is_dir() and (
-            (resolved / MANIFEST).is_file() or any(p.suffix == ".parquet" for p in resolved.iterdir())))):
+    filesystem, root = locate(path)
+    is_dir = filesystem.get_file_info(root).type == pafs.FileType.Directory
+    names = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(root))] if is_dir else []
+    if not (root.endswith(".parquet") or MANIFEST in names or any(n.endswith(".parquet") for n in names)):
         raise UserError(f"{path!r} is not a shard directory (no {MANIFEST} or .parquet files)")
-    source = ShardSource(resolved)
+    source = ShardSource(path)
     manifest = source.manifest
     names = source.class_names()
     counts: Counter = Counter()
@@ -377,8 +449,8 @@ def inspect_shards(path: str) -> dict:
     examples: list[str] = []
     shards = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for file in source.files:
-            table = pq.read_table(file, columns=list(SHARD_COLUMNS))
+        for file, info in zip(source.files, source.filesystem.get_file_info(source.files)):
+            table = pq.read_table(file, columns=list(SHARD_COLUMNS), filesystem=source.filesystem)
             ids = table.column("id").to_pylist()
             counts.update(table.column("label").to_pylist())
             for record_id, reason in zip(ids, pool.map(_check_record, table.column("image").to_pylist())):
@@ -386,11 +458,11 @@ def inspect_shards(path: str) -> dict:
                     bad[reason] += 1
                     if len(examples) < 5:
                         examples.append(record_id)
-            shards.append({"file": file.name, "rows": table.num_rows, "bytes": file.stat().st_size,
+            shards.append({"file": info.base_name, "rows": table.num_rows, "bytes": info.size,
                            "sha256": _digest(table)})
     labels = sorted(k for k in counts if k >= 0)
     classes = [{"label": k, "name": names[k] if k < len(names) else str(k), "count": counts[k]} for k in labels]
-    result = {"path": str(resolved), "rows": sum(s["rows"] for s in shards), "classes": classes,
+    result = {"path": path if is_uri(path) else root, "rows": sum(s["rows"] for s in shards), "classes": classes,
               "unlabelled": counts.get(-1, 0), "shards": shards,
               "unreadable": {"total": sum(bad.values()), **count_reasons([bad]), "examples": examples},
               "manifest": manifest is not None}

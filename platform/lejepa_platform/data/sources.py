@@ -6,6 +6,10 @@ Kinds: an image folder (one subfolder per class, or flat and unlabelled), MNIST-
 (plain or gzipped), .npy/.npz arrays, WebDataset tars (one tar or a folder of them), Parquet shards
 (a shard directory, or `builtin:NAME` for the ones shipped in the package).
 
+Shards may also live behind a URI that pyarrow opens (s3://, gs://, hdfs://, file://): they are read
+through a (filesystem, path) pair, the local filesystem's for local paths, so both take one code path.
+The other kinds are inputs to a build and stay local.
+
 Class names come from the subfolders, a shard manifest, or a `classes.txt` (one name per line)
 next to an idx / array / tar source; otherwise labels are named by their number.
 """
@@ -18,10 +22,13 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lejepa_platform.errors import UserError
@@ -32,6 +39,9 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MANIFEST = "manifest.json"
 SHARD_COLUMNS = ("image", "label", "id")
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+LOCAL_FS = pafs.LocalFileSystem()
+FOOTER_THREADS = 16
+"""Parquet footers read at once when opening shards (each is a round trip on object storage)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,31 @@ def resolve_source(source: str) -> Path:
     if not path.exists():
         raise UserError(f"source {source!r} does not exist")
     return path
+
+
+def is_uri(source: str | Path) -> bool:
+    """`scheme://...` (s3, gs, hdfs, file, ...): read through the pyarrow filesystem for that scheme."""
+    return isinstance(source, str) and "://" in source
+
+
+def locate(source: str | Path, *, must_exist: bool = True) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it): a URI through pyarrow, a local path or builtin:NAME on the local
+    filesystem. UserError when a source given as a string does not exist (unless `must_exist` is
+    False, for a URI about to be written) or cannot be reached."""
+    if not is_uri(source):
+        return LOCAL_FS, str(resolve_source(source) if isinstance(source, str) else source)
+    try:
+        filesystem, path = _from_uri(source)
+        missing = must_exist and filesystem.get_file_info(path).type == pafs.FileType.NotFound
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"cannot open {source!r}: {err}") from None
+    if missing:
+        raise UserError(f"source {source!r} does not exist")
+    return filesystem, path.rstrip("/") or "/"
+
+
+_from_uri = pafs.FileSystem.from_uri
+"""Every URI goes through this one call (tests map a bucket onto a local folder here)."""
 
 
 def is_image_name(name: str) -> bool:
@@ -106,11 +141,13 @@ class Source:
         return {"kind": self.kind, "name": self.name}
 
 
-def _classes_txt(folder: Path) -> list[str]:
-    path = folder / "classes.txt"
-    if not path.is_file():
+def _classes_txt(folder: Path | str, filesystem: pafs.FileSystem = LOCAL_FS) -> list[str]:
+    path = f"{folder}/classes.txt"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
         return []
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    with filesystem.open_input_stream(path) as handle:
+        text = handle.read().decode()
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,23 +378,46 @@ def _parse_label(text: str, path: Path, member: str) -> int:
 
 
 class ShardSource(Source):
-    """Parquet files with columns image (bytes), label (int), id (string): a shard dir or one file."""
+    """Parquet files with columns image (bytes), label (int), id (string): a shard dir or one file,
+    local or behind a URI. `files` are paths inside `filesystem`; `footers` their Parquet metadata."""
 
     kind = "shards"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.manifest = read_manifest(path) if path.is_dir() and (path / MANIFEST).is_file() else None
+    def __init__(self, source: str | Path) -> None:
+        self.filesystem, root = locate(source)
+        super().__init__(Path(root))
+        self.where = str(source)
+        self.is_dir = self.filesystem.get_file_info(root).type == pafs.FileType.Directory
+        manifest_type = self.filesystem.get_file_info(f"{root}/{MANIFEST}").type if self.is_dir else None
+        has_manifest = manifest_type == pafs.FileType.File
+        self.manifest = read_manifest(root, self.filesystem, where=self.where) if has_manifest else None
         if self.manifest is not None:
-            self.files = [path / entry["file"] for entry in self.manifest["shards"]]
-        elif path.is_dir():
-            self.files = sorted(p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
+            self.files = [f"{root}/{entry['file']}" for entry in self.manifest["shards"]]
+        elif self.is_dir:
+            self.files = sorted(info.path for info in self.filesystem.get_file_info(pafs.FileSelector(root))
+                                if info.base_name.endswith(".parquet") and not info.base_name.startswith("."))
         else:
-            self.files = [path]
+            self.files = [root]
         if not self.files:
-            raise UserError(f"no .parquet files in {str(path)!r}")
-        for file in self.files:
-            check_shard_columns(file)
+            hint = "; only Parquet shards are read from a URI (see `lejepa shards build`)" if is_uri(source) else ""
+            raise UserError(f"no .parquet files in {self.where!r}{hint}")
+        with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(self.files))) as pool:
+            self.footers = list(pool.map(self._footer, self.files))
+
+    def _footer(self, file: str) -> pq.FileMetaData:
+        """The file's Parquet metadata; UserError unless it has image (binary), label (integer), id (string)."""
+        try:
+            metadata = pq.ParquetFile(file, filesystem=self.filesystem).metadata
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"{self._name_of(file)!r} is not a readable Parquet file: {err}") from None
+        check_shard_columns(metadata.schema.to_arrow_schema(), self._name_of(file))
+        return metadata
+
+    def _name_of(self, file: str) -> str:
+        """How messages name a file: as the user would (the URI for remote shards)."""
+        if not is_uri(self.where):
+            return file
+        return f"{self.where.rstrip('/')}/{file.rsplit('/', 1)[-1]}" if self.is_dir else self.where
 
     @property
     def name(self) -> str:
@@ -368,15 +428,18 @@ class ShardSource(Source):
     def class_names(self) -> list[str]:
         if self.manifest is not None:
             return list(self.manifest.get("classes", []))
-        return _classes_txt(self.path if self.path.is_dir() else self.path.parent)
+        return _classes_txt(self.path if self.is_dir else self.path.parent, self.filesystem)
 
-    def _files(self) -> list[Path]:
-        return list(self.files)
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.kind.encode())
+        for info in self.filesystem.get_file_info(self.files):
+            digest.update(f"{info.base_name}\t{info.size}\n".encode())
+        return digest.hexdigest()
 
     def records(self, skip: int = 0) -> Iterator[RawRecord]:
         seen = 0
         for file in self.files:
-            handle = pq.ParquetFile(file)
+            handle = pq.ParquetFile(file, filesystem=self.filesystem)
             for group in range(handle.num_row_groups):
                 rows = handle.metadata.row_group(group).num_rows
                 if seen + rows <= skip:
@@ -391,36 +454,39 @@ class ShardSource(Source):
                 seen += rows
 
 
-def check_shard_columns(file: Path) -> None:
-    """UserError unless `file` is Parquet with image (binary), label (integer) and id (string)."""
-    import pyarrow as pa
-
-    try:
-        schema = pq.read_schema(file)
-    except (OSError, pa.ArrowException) as err:
-        raise UserError(f"{str(file)!r} is not a readable Parquet file: {err}") from None
+def check_shard_columns(schema: pa.Schema, file: str) -> None:
+    """UserError unless the Parquet file `file` has image (binary), label (integer) and id (string)."""
     expected = {"image": pa.types.is_binary, "label": pa.types.is_integer, "id": pa.types.is_string}
     wrong = [name for name, ok in expected.items()
              if name not in schema.names or not (ok(schema.field(name).type)
                                                  or (name == "image" and pa.types.is_large_binary(schema.field(name).type))
                                                  or (name == "id" and pa.types.is_large_string(schema.field(name).type)))]
     if wrong:
-        raise UserError(f"{str(file)!r} lacks the expected column(s) {', '.join(wrong)}: shards need image (bytes), "
+        raise UserError(f"{file!r} lacks the expected column(s) {', '.join(wrong)}: shards need image (bytes), "
                         f"label (integer, -1 when unlabelled) and id (string); has {', '.join(schema.names)}")
 
 
-def read_manifest(directory: str | Path) -> dict:
-    """The manifest of a finished shard build; UserError when missing or unreadable."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{str(directory)!r} has no {MANIFEST}: not a finished shard build "
+def read_manifest(directory: str | Path, filesystem: pafs.FileSystem | None = None, *, where: str = "") -> dict:
+    """The manifest of a finished shard build; UserError when missing or unreadable.
+
+    directory: a local path, builtin:NAME or URI; or a path inside `filesystem` (`where` then names it
+    in messages).
+    """
+    where = where or str(directory)
+    if filesystem is None:
+        filesystem, directory = locate(directory)
+    path = f"{directory}/{MANIFEST}"
+    shown = f"{where.rstrip('/')}/{MANIFEST}"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        raise UserError(f"{where!r} has no {MANIFEST}: not a finished shard build "
                         f"(an interrupted `lejepa shards build` resumes when re-run)")
     try:
-        manifest = json.loads(path.read_text())
+        with filesystem.open_input_stream(path) as handle:
+            manifest = json.loads(handle.read())
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {str(path)!r}: {err}") from None
+        raise UserError(f"cannot read {shown!r}: {err}") from None
     if not isinstance(manifest, dict) or "shards" not in manifest or "rows" not in manifest:
-        raise UserError(f"{str(path)!r} is not a shard manifest (no 'shards' / 'rows')")
+        raise UserError(f"{shown!r} is not a shard manifest (no 'shards' / 'rows')")
     return manifest
 
 
@@ -429,6 +495,8 @@ def read_manifest(directory: str | Path) -> dict:
 
 def open_source(source: str) -> Source:
     """Recognise what `source` is; UserError naming what is supported when it is none of them."""
+    if is_uri(source):
+        return ShardSource(source)
     path = resolve_source(source)
     if path.is_dir():
         names = [p.name for p in path.iterdir()]

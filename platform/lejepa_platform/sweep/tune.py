@@ -24,9 +24,10 @@ from lejepa_platform.config import RunConfig, SweepConfig, apply_overrides, flat
 from lejepa_platform.errors import RunFailed, UserError
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.sweep.analysis import analyze_from_cli
-from lejepa_platform.tracking import SWEEP_TAG, MLflowTracker, resolve_tracking_uri, run_environment_tags, search_runs
+from lejepa_platform.tracking import (SWEEP_TAG, MLflowTracker, find_run, resolve_tracking_uri, run_environment_tags,
+                                      search_runs)
 from lejepa_platform.train.launch import pretrain, preflight
-from lejepa_platform.train.storage import absolute_storage, run_exists
+from lejepa_platform.train.storage import absolute_storage, read_run_record, run_exists, write_run_record
 
 SWEEP_RECORD = "lejepa_sweep"
 TRIAL_RESOURCE = "trial_driver"
@@ -87,6 +88,14 @@ def _run_trial(params: dict[str, Any], *, base: dict, sweep_name: str, parent_ru
     cfg = set_values(cfg, {"train.name": f"{sweep_name}-{trial_id}", "track.run_name": trial_id,
                            "track.uri": tracking_uri})
     resume = cfg.train.name if run_exists(cfg.train.storage_path, cfg.train.name) else None
+    if resume:
+        # Tune saves its experiment state on a timer, so a trial that finished just before the
+        # driver died can be handed out again: its MLflow run says whether it is really done.
+        record = read_run_record(cfg.train.storage_path, cfg.train.name)
+        done = find_run(record["tracking_uri"], record["mlflow_run_id"])
+        if done["status"] == "FINISHED":
+            tune.report(done["metrics"])
+            return
     pretrain(cfg, resume=resume, quiet=True, parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),))
 
 
@@ -128,9 +137,11 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
     if resume:
         tuner = tune.Tuner.restore(f"{storage}/{scfg.name}", trainable, resume_unfinished=True, resume_errored=True)
     else:
+        # max_t above the number of reports a trial can make: ASHA stops a trial that reaches
+        # max_t, which would cut a healthy trial off before its evaluation and artifacts.
         scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=scfg.grace_reports,
                                                    reduction_factor=scfg.reduction_factor,
-                                                   max_t=max(scfg.base.train.steps // scfg.base.train.log_every, 1))
+                                                   max_t=scfg.base.train.steps + 1)
                      if scfg.scheduler == "asha" else tune.schedulers.FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space=param_space(scfg.space),
@@ -171,8 +182,6 @@ def sweep_from_cli(recipe: str, *, overrides: list[str], resume: bool, address: 
 
 def _open_parent_run(scfg: SweepConfig, uri: str, experiment: str, resume: bool, storage: str) -> MLflowTracker:
     """The sweep's parent MLflow run; its id is kept beside Tune's state so --resume reuses it."""
-    from lejepa_platform.train.storage import read_run_record, write_run_record
-
     if resume:
         record = read_run_record(storage, f"{scfg.name}/{SWEEP_RECORD}")
         return MLflowTracker.start(uri, experiment, run_id=record["mlflow_run_id"])

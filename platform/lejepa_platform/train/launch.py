@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 from lejepa_platform.config import (RunConfig, TrainConfig, apply_overrides, flatten, from_dict, per_worker_batch_size,
                                     to_dict, warmup_steps)
 from lejepa_platform.data.pipeline import DataStats, count_rows, train_dataset
-from lejepa_platform.data.shards import read_manifest, resolve_source
+from lejepa_platform.data.shards import read_manifest
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import RunFailed, UserError
 from lejepa_platform.model import build_encoder
@@ -193,9 +193,9 @@ def pretrain_from_cli(recipe: str | None, *, overrides: list[str], resume: str |
 
 
 def _manifest_or_empty(source: str) -> dict[str, Any]:
-    path = resolve_source(source)
+    """The shard manifest (local, builtin or URI); {} for sources without one (image folders, tars)."""
     try:
-        return read_manifest(path) if path.is_dir() else {}
+        return read_manifest(source)
     except UserError:
         return {}
 
