@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from lejepa_platform.config import RunConfig, flatten, from_dict
+from lejepa_platform.config import RunConfig, from_dict
 from lejepa_platform.data.evalset import load_eval_set
 from lejepa_platform.data.shards import split_rows
 from lejepa_platform.errors import UserError
@@ -45,9 +45,14 @@ def evaluate_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], source: s
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The report's numbers as flat MLflow metric names, e.g. eval/models/pretrained/linear."""
-    return {f"eval/{k}": float(v) for k, v in flatten(report).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The report's numbers as MLflow metrics: eval/<model>/<protocol metric> (model: pretrained,
+    random_init, raw_pixels, lift_vs_random_init, lift_vs_raw_pixels) and eval/geometry/<name>."""
+    tables = {**report["models"], **{f"lift_{k}": v for k, v in report["lift"].items()}}
+    metrics = {f"eval/{model}/{key}": float(value) for model, values in tables.items() if values
+               for key, value in values.items()}
+    metrics.update({f"eval/geometry/{key}": float(value) for key, value in report["geometry"].items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    return metrics
 
 
 def parse_protocols(text: str) -> tuple[str, ...]:
@@ -59,9 +64,13 @@ def parse_protocols(text: str) -> tuple[str, ...]:
 
 
 def load_target(target: str, tracking_uri: str) -> tuple[RunConfig, dict[str, torch.Tensor], str | None]:
-    """(config, weights, run id or None) for a checkpoint directory or an MLflow run id."""
+    """(config, weights, run id or None) for a checkpoint directory, a run directory (its latest
+    checkpoint) or an MLflow run id."""
     path = Path(target)
     if path.is_dir():
+        checkpoints = sorted(p for p in path.glob("checkpoint_*") if p.is_dir())
+        if not (path / CONFIG_FILE).is_file() and checkpoints:
+            path = checkpoints[-1]  # a run directory: its latest checkpoint (names sort by time)
         state, cfg = load_checkpoint(path)
         return cfg, encoder_state(state.model), None
     if path.exists() or "/" in target:
@@ -78,7 +87,7 @@ def eval_from_cli(target: str, *, data: str, protocols: str, tracking_uri: str |
     chosen = parse_protocols(protocols)
     uri = resolve_tracking_uri(tracking_uri or "")
     cfg, weights, run_id = load_target(target, uri)
-    out = Path(OUT_DIR) / re.sub(r"[^A-Za-z0-9_.-]+", "_", target.strip("/"))[-80:]
+    out = Path(OUT_DIR).resolve() / re.sub(r"[^A-Za-z0-9_.-]+", "_", target.strip("/"))[-80:]
     report = evaluate_weights(cfg, weights, data, protocols=chosen, plots_dir=out)
     report.update({"target": target, "data": data})
     report_path = out / REPORT_FILE

@@ -27,8 +27,8 @@ PARAMS_OF_INTEREST = ("model.backbone", "loss.num_slices", "loss.lam", "data.bat
 PER_TRIAL_PARAMS = frozenset({"train.name", "train.storage_path", "track.run_name", "track.uri", "track.experiment"})
 """Params that differ between trials without being a sweep axis."""
 FINAL_METRICS = ("loss/total", "loss/prediction", "loss/sigreg", "probe/online_acc",
-                 "eval/pretrained/linear", "eval/pretrained/knn20")
-ACCURACY_PREFERENCE = ("eval/pretrained/linear", "eval/pretrained/knn20", "probe/online_acc")
+                 "eval/pretrained/linear", "eval/pretrained/knn_k20")
+ACCURACY_PREFERENCE = ("eval/pretrained/linear", "eval/pretrained/knn_k20", "probe/online_acc")
 """Offline frozen-feature protocols first: the online probe trains alongside and is optimistic."""
 PARAMS_METRIC = "model/params"
 FLOPS_METRIC = "compute/flops"
