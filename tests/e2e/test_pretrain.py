@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from clusters import registered_checkpoint_steps
+
 from lejepa_platform.config import RunConfig, apply_overrides
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import RunFailed, UserError
@@ -45,16 +47,8 @@ def logged_steps(cfg: RunConfig, run_id: str, key: str = "loss/total") -> list[i
     return sorted(m.step for m in mlflow.MlflowClient(cfg.track.uri).get_metric_history(run_id, key))
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train has persisted for this run."""
-    steps = []
-    for state in run_dir.glob("checkpoint_*/state.pt"):
-        steps.append(int(torch.load(state, weights_only=True)["step"]))
-    return sorted(steps)
-
-
 def kill_a_worker_after(run_dir: Path, min_step: int, killed: list[int]) -> threading.Thread:
-    """Once a checkpoint at >= min_step exists, SIGKILL one live Ray Train worker process.
+    """Once Ray Train has registered a checkpoint at >= min_step, SIGKILL one live Train worker.
 
     Worker pids are looked up while waiting, so the kill lands right after the checkpoint.
     """
@@ -68,9 +62,10 @@ def kill_a_worker_after(run_dir: Path, min_step: int, killed: list[int]) -> thre
         pids: list[int] = []
         while time.monotonic() < deadline and not killed:
             if not pids:
-                pids = [a.pid for a in list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
-                                                                             ("state", "=", "ALIVE")])]
-            elif run_dir.exists() and any(s >= min_step for s in checkpoint_steps(run_dir)):
+                pids = [a.pid for a in list_actors(address=address, raise_on_missing_output=False,
+                                                   filters=[("class_name", "=", "RayTrainWorker"),
+                                                            ("state", "=", "ALIVE")])]
+            elif any(s >= min_step for s in registered_checkpoint_steps(run_dir)):
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
             time.sleep(0.02)
@@ -78,6 +73,14 @@ def kill_a_worker_after(run_dir: Path, min_step: int, killed: list[int]) -> thre
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has persisted for this run."""
+    steps = []
+    for state in run_dir.glob("checkpoint_*/state.pt"):
+        steps.append(int(torch.load(state, weights_only=True)["step"]))
+    return sorted(steps)
 
 
 def test_pretrain_two_workers_logs_every_step_once_and_learns(ray_cluster, tmp_path):

@@ -6,8 +6,8 @@ Rank is read once here and decides only two things: which tracker the rank gets 
 
 Exactly-once metrics across restarts: rows are kept in `pending` and written to MLflow only after
 the checkpoint that covers them has been reported; the rows also travel inside that checkpoint.
-After a restart, rank 0 replays the checkpoint's rows that MLflow does not have yet, and steps
-after the checkpoint are recomputed and logged once.
+After a restart, rank 0 writes the checkpoint's rows that MLflow does not have yet, recomputes the
+steps after the checkpoint, and never writes a step MLflow already holds.
 """
 
 from __future__ import annotations
@@ -59,7 +59,12 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
         step = state.step
-        _replay_missing(tracker, state.pending_metrics)
+    # Exactly once: a step MLflow already has is never written again. That covers rows logged
+    # after a checkpoint was reported but before Ray Train registered it (the run then resumes
+    # from an earlier checkpoint and recomputes them) and the checkpoint's own rows replayed here.
+    last_logged = max((s for s, _ in tracker.history(LOSS_KEY)), default=0)
+    if checkpoint is not None:
+        last_logged = _log_new_rows(tracker, state.pending_metrics, last_logged)
 
     per_worker = per_worker_batch_size(cfg)
     alarm = CollapseAlarm(bare.encoder.embed_dim, sigreg_max=COLLAPSE_SIGREG_PER_IMAGE * cfg.data.batch_size)
@@ -88,8 +93,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             window_start, window_steps = time.perf_counter(), 0  # reporting time counts in the next window
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 _report_with_checkpoint(row, bare, optimizer, step, pending, cfg, rank)
-                for logged in pending:
-                    tracker.log_metrics(_without_step(logged), step=int(logged["step"]))
+                last_logged = _log_new_rows(tracker, pending, last_logged)
                 pending = []
             else:
                 ray.train.report(row)
@@ -125,12 +129,13 @@ def _report_with_checkpoint(row: dict[str, float], model: torch.nn.Module, optim
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _replay_missing(tracker: Tracker, rows: list[dict[str, float]]) -> None:
-    """Log the checkpoint's rows that the tracker does not have yet (a crash between report and log)."""
-    last = max((s for s, _ in tracker.history(LOSS_KEY)), default=-1)
+def _log_new_rows(tracker: Tracker, rows: list[dict[str, float]], last_logged: int) -> int:
+    """Write the rows past `last_logged` to the tracker; returns the new last logged step."""
     for row in rows:
-        if int(row["step"]) > last:
+        if int(row["step"]) > last_logged:
             tracker.log_metrics(_without_step(row), step=int(row["step"]))
+            last_logged = int(row["step"])
+    return last_logged
 
 
 def _mean_over_ranks(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:

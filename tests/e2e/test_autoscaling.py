@@ -1,0 +1,55 @@
+"""A pretraining on an autoscaling cluster, simulated on one machine.
+
+The head offers 1 CPU; the run asks for 2 workers x 1 CPU (and Ray Data needs CPUs besides), so
+it can only run once the autoscaler has added nodes. The autoscaler uses Ray's fake multi-node
+provider (nodes are local processes) and removes nodes idle for 0.2 minutes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from clusters import local_cluster, pretrain_on
+from lejepa_platform.tracking import find_run, metric_history
+from test_pretrain import tiny_config
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 6
+MAX_WORKER_NODES = 3
+IDLE_TIMEOUT_MIN = 0.2
+
+
+def test_autoscaler_adds_nodes_for_the_run_and_removes_them_after(tmp_path):
+    cfg = tiny_config(tmp_path, "train.name=autoscaled", f"train.steps={STEPS}", "train.workers=2",
+                      "train.cpus_per_worker=1")
+    autoscaling = {"worker_cpus": 1, "max_workers": MAX_WORKER_NODES, "idle_timeout_minutes": IDLE_TIMEOUT_MIN}
+    with local_cluster(num_cpus=1, autoscaling=autoscaling) as cluster:
+        assert cluster.alive_nodes() == 1
+        with cluster.node_counts() as samples:
+            started = time.time()
+            summary = pretrain_on(cluster, cfg, tmp_path)
+            finished = time.time()
+            deadline = time.monotonic() + 60 * IDLE_TIMEOUT_MIN + 60
+            while time.monotonic() < deadline and not (samples and samples[-1][0] > finished and samples[-1][1] == 1):
+                time.sleep(0.5)
+        during = [count for at, count in samples if at <= finished]
+        after = [count for at, count in samples if at > finished]
+    print(f"alive nodes over time (s since the driver started): {timeline(samples, started)}; "
+          f"run finished at {finished - started:.0f} s", file=sys.stderr)
+
+    assert summary["steps"] == STEPS
+    assert [step for step, _ in metric_history(cfg.track.uri, summary["mlflow_run_id"], "loss/total")] == \
+        list(range(1, STEPS + 1))
+    assert find_run(cfg.track.uri, summary["mlflow_run_id"])["status"] == "FINISHED"
+    assert 2 <= max(during) <= 1 + MAX_WORKER_NODES, f"node counts during the run: {during}"
+    assert after and after[-1] == 1, f"idle nodes were not removed; node counts after the run: {after}"
+
+
+def timeline(samples: list[tuple[float, int]], start: float) -> str:
+    """Each change of the node count as "count@seconds"."""
+    changes = [(at, count) for i, (at, count) in enumerate(samples) if i == 0 or count != samples[i - 1][1]]
+    return " ".join(f"{count}@{at - start:.0f}" for at, count in changes)
