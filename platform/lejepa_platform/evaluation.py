@@ -21,8 +21,7 @@ from lejepa_platform.data.evalset import load_eval_set
 from lejepa_platform.data.shards import split_rows
 from lejepa_platform.errors import UserError
 from lejepa_platform.eval.report import PROTOCOLS, evaluation_report
-from lejepa_platform.tracking import (download_artifact, find_run, log_artifacts_to_run, log_metrics_to_run,
-                                      resolve_tracking_uri)
+from lejepa_platform.tracking import download_artifact, find_run, log_artifacts_to_run, log_metrics_to_run, resolve_tracking_uri
 from lejepa_platform.train.checkpoint import CONFIG_FILE, encoder_state, load_checkpoint
 
 BACKBONE_FILE = "backbone.safetensors"

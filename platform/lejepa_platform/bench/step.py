@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lejepa_platform.config import RunConfig, set_values, to_dict, from_dict
+from lejepa_platform.config import RunConfig, from_dict, set_values, to_dict
 from lejepa_platform.defaults import default_run_config
 
 WARMUP = 5

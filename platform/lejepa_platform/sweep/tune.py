@@ -12,21 +12,19 @@ so finished trials are not run again and unfinished ones continue from their las
 from __future__ import annotations
 
 import functools
-import math
 import os
-import sys
 from typing import Any
 
 import ray
 from ray import tune
 
 from lejepa_platform.config import RunConfig, SweepConfig, apply_overrides, flatten, from_dict, set_values, to_dict
+from lejepa_platform.console import say
 from lejepa_platform.errors import RunFailed, UserError
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.sweep.analysis import analyze_from_cli
-from lejepa_platform.tracking import (SWEEP_TAG, MLflowTracker, find_run, resolve_tracking_uri, run_environment_tags,
-                                      search_runs)
-from lejepa_platform.train.launch import pretrain, preflight
+from lejepa_platform.tracking import SWEEP_TAG, MLflowTracker, find_run, resolve_tracking_uri, run_environment_tags, search_runs
+from lejepa_platform.train.launch import preflight, pretrain
 from lejepa_platform.train.storage import absolute_storage, read_run_record, run_exists, write_run_record
 
 SWEEP_RECORD = "lejepa_sweep"
@@ -127,7 +125,7 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
     tracking_uri = resolve_tracking_uri(scfg.base.track.uri)
     experiment = scfg.base.track.experiment
     parent = _open_parent_run(scfg, tracking_uri, experiment, resume, storage)
-    _say(quiet, f"sweep {scfg.name}: parent MLflow run {parent.run_id} at {tracking_uri}; "
+    say(quiet, f"sweep {scfg.name}: parent MLflow run {parent.run_id} at {tracking_uri}; "
                 f"up to {max_concurrent} trials at a time")
 
     trainable = tune.with_resources(
@@ -199,7 +197,3 @@ def _close_stopped_children(uri: str, experiment: str, children: list[dict]) -> 
         if child["status"] == "RUNNING":
             MLflowTracker.start(uri, experiment, run_id=child["run_id"]).finish("KILLED")
 
-
-def _say(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, file=sys.stderr)

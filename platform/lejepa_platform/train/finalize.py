@@ -8,7 +8,6 @@ backbone at random init and raw pixels, parameter count and a FLOPs estimate for
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from lejepa_platform.config import RunConfig
+from lejepa_platform.console import say
 from lejepa_platform.data.shards import split_rows
 from lejepa_platform.eval.plots import plot_loss_curve
 from lejepa_platform.evaluation import BACKBONE_FILE, REPORT_FILE, evaluate_weights, report_metrics
@@ -76,12 +76,8 @@ def _evaluate(cfg: RunConfig, model_state: dict[str, torch.Tensor], quiet: bool)
     if not cfg.eval.enabled:
         return None
     if split_rows(cfg.data.source) is None:
-        _say(quiet, "evaluation skipped: the data has no train/test split in its manifest")
+        say(quiet, "evaluation skipped: the data has no train/test split in its manifest")
         return None
-    _say(quiet, "evaluating frozen features (pretrained, random init, raw pixels) ...")
+    say(quiet, "evaluating frozen features (pretrained, random init, raw pixels) ...")
     return evaluate_weights(cfg, encoder_state(model_state), cfg.data.source, protocols=cfg.eval.protocols)
 
-
-def _say(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, file=sys.stderr)

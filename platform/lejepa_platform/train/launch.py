@@ -12,7 +12,6 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,17 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from lejepa_platform.config import (RunConfig, TrainConfig, apply_overrides, flatten, from_dict, per_worker_batch_size,
-                                    to_dict, warmup_steps)
+from lejepa_platform.config import (
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    flatten,
+    from_dict,
+    per_worker_batch_size,
+    to_dict,
+    warmup_steps,
+)
+from lejepa_platform.console import say
 from lejepa_platform.data.pipeline import DataStats, count_rows, train_dataset
 from lejepa_platform.data.shards import read_manifest
 from lejepa_platform.defaults import default_run_config
@@ -96,12 +104,10 @@ def check_resources(cfg: RunConfig, final: bool) -> None:
     if cfg.train.use_gpu and gpus < cfg.train.workers:
         raise UserError(f"train.workers = {cfg.train.workers} with train.use_gpu needs {cfg.train.workers} GPUs; "
                         f"this cluster has {gpus:g}")
-    if need_cpu > cpus:
-        raise UserError(f"train.workers x train.cpus_per_worker = {need_cpu:g} CPUs, but this cluster has {cpus:g}; "
-                        "lower train.workers or train.cpus_per_worker")
     if need_cpu >= cpus:
-        raise UserError(f"train.workers x train.cpus_per_worker = {need_cpu:g} takes every CPU of this cluster "
-                        f"({cpus:g}); Ray Data needs some left to read and augment images")
+        raise UserError(f"train.workers x train.cpus_per_worker = {need_cpu:g} CPUs, but this cluster has {cpus:g} "
+                        "and Ray Data needs some left to read and augment images; lower train.workers or "
+                        "train.cpus_per_worker")
 
 
 def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None = None, quiet: bool = False,
@@ -129,8 +135,8 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
         tracker.log_dict(to_dict(cfg), "config.json")
         write_run_record(storage, name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
                                          "tracking_uri": tracking_uri})
-    _say(quiet, f"run {name}: MLflow run {tracker.run_id} at {tracking_uri}")
-    _say(quiet, f"  view it: mlflow ui --backend-store-uri {tracking_uri}")
+    say(quiet, f"run {name}: MLflow run {tracker.run_id} at {tracking_uri}")
+    say(quiet, f"  view it: mlflow ui --backend-store-uri {tracking_uri}")
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     board = ProgressBoard.remote()
@@ -184,8 +190,8 @@ def pretrain_from_cli(recipe: str | None, *, overrides: list[str], resume: str |
     if resume:
         if recipe:
             raise UserError("--resume takes the config recorded with the run; do not pass a recipe as well")
-        base = resolve_config(None, [])
-        storage = absolute_storage(apply_overrides(base, [o for o in overrides if o.startswith("train.storage_path=")]).train.storage_path)
+        storage_override = [o for o in overrides if o.startswith("train.storage_path=")]
+        storage = absolute_storage(resolve_config(None, storage_override).train.storage_path)
         cfg = apply_overrides(from_dict(RunConfig, read_run_record(storage, resume)["config"]), overrides)
     else:
         cfg = resolve_config(recipe, overrides)
@@ -208,7 +214,3 @@ def _root_cause(err: BaseException) -> str:
             return line.strip()
     return text[-1].strip() if text else type(err).__name__
 
-
-def _say(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, file=sys.stderr)

@@ -9,6 +9,7 @@ encoder, and its accuracy is the optimistic online number, not an offline probe.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 
