@@ -1,0 +1,15 @@
+"""`lejepa bench step` runs end to end (its numbers are for the README, not asserted here)."""
+
+import pytest
+
+from lejepa_platform.bench.step import run
+
+pytestmark = pytest.mark.e2e
+
+
+def test_step_bench_measures_both_sides_on_identical_work(ray_cluster):
+    result = run(quick=True)
+    assert result["workload"]["measured_steps"] == 7
+    assert result["plain_images_per_s"] > 0 and result["ray_train_images_per_s"] > 0
+    assert result["ratio_ray_over_plain"] == pytest.approx(
+        result["ray_train_images_per_s"] / result["plain_images_per_s"], rel=0.01)
