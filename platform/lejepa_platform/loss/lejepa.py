@@ -31,19 +31,20 @@ class LeJEPALoss:
 
 
 def lejepa_loss(global_proj: torch.Tensor, local_proj: torch.Tensor | None, directions: torch.Tensor, *,
-                lam: float, knots: int = 17, t_max: float = 3.0) -> LeJEPALoss:
+                lam: float, knots: int = 17, t_max: float = 3.0, check_finite: bool | None = None) -> LeJEPALoss:
     """LeJEPA loss of projections: global views (G, N, P) and optional local views (L, N, P).
 
     `directions` (P, M) come from `slice_directions(P, M, seed=..., step=...)`. Computed in float32
     under autocast. The prediction term is a mean over this rank's images (DDP averages its
-    gradient); SIGReg uses ECF means over the global batch.
+    gradient); SIGReg uses ECF means over the global batch. `check_finite` is passed to SIGReg; a
+    trainer that checks the total itself turns it off and reports the step with every term.
     """
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 < lam < 1.0 and math.isfinite(lam)):
         raise UserError(f"loss lam must be in the open interval (0, 1), got {lam!r}")
     views = _views(global_proj, local_proj)
     with torch.autocast(device_type=views.device.type, enabled=False):
         views = views.float() if views.dtype != torch.float64 else views
-        per_view = sigreg_per_view(views, directions, knots=knots, t_max=t_max)
+        per_view = sigreg_per_view(views, directions, knots=knots, t_max=t_max, check_finite=check_finite)
         centre = views[: global_proj.shape[0]].mean(dim=0)
         prediction = (views - centre).square().mean()
         sig = per_view.mean()

@@ -92,7 +92,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                                   step=step, device=device)
     proj = out.projections.float()
     terms = lejepa_loss(proj[:g], proj[g:] if proj.shape[0] > g else None, directions,
-                        lam=cfg.loss.lam, knots=cfg.loss.knots, t_max=cfg.loss.t_max)
+                        lam=cfg.loss.lam, knots=cfg.loss.knots, t_max=cfg.loss.t_max, check_finite=False)
     objective = terms.total
     metrics = {"loss/total": terms.total.detach(), "loss/prediction": terms.prediction.detach(),
                "loss/sigreg": terms.sigreg.detach()}
