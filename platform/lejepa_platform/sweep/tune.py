@@ -150,9 +150,9 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
 
     children = search_runs(tracking_uri, experiment, parent_run_id=parent.run_id)
     _close_stopped_children(tracking_uri, experiment, children)
-    trials = [{"trial_id": r.metrics.get("trial_id"), "status": "ERROR" if r.error else "TERMINATED",
-               "config": r.config, "last": {k: v for k, v in (r.metrics or {}).items()
-                                            if k == scfg.metric or k == "step"}} for r in grid]
+    trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "status": "ERROR" if r.error else "TERMINATED",
+               "config": r.config, "last": {k: v for k, v in (r.metrics or {}).items() if k in (scfg.metric, "step")}}
+              for r in grid]
     try:
         analysis = analyze_from_cli(experiment, tracking_uri=tracking_uri, out=f"{storage}/{scfg.name}/analysis")
     except UserError as err:

@@ -43,9 +43,7 @@ def training_flops_per_image(cfg: RunConfig) -> float:
 def finalize_run(cfg: RunConfig, tracker: Tracker, checkpoint_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
     """Evaluate, log and attach; returns the summary printed by `lejepa pretrain`."""
     state, _ = load_checkpoint(checkpoint_dir)
-    encoder = build_encoder(cfg.model)
-    encoder.load_state_dict(encoder_state(state.model))
-    params = sum(p.numel() for p in encoder.backbone.parameters())
+    params = sum(v.numel() for v in backbone_state(state.model).values())
     flops = training_flops_per_image(cfg) * state.step * cfg.data.batch_size
     tracker.log_metrics({"model/params": float(params), "compute/flops": flops}, step=state.step)
     summary: dict[str, Any] = {"steps": state.step, "backbone_params": params, "compute_flops": flops}

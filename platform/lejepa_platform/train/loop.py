@@ -12,6 +12,7 @@ steps after the checkpoint, and never writes a step MLflow already holds.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(RunConfig, loop_config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = cfg.train.torch_threads or max(1, int(-(-cfg.train.cpus_per_worker // 1)))
+    threads = cfg.train.torch_threads or math.ceil(cfg.train.cpus_per_worker)
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
 
