@@ -4,9 +4,12 @@ images, in one run.
 
 Workloads: (a) the paper's views (2 x 224 + 6 x 96) of synthetic 256 px JPEGs written by the bench;
 (b) the embedded dataset with the default recipe's views (4 x 32, no local views). Each pipeline
-runs in its own child process so that its peak memory (PSS summed over the child's process tree:
-for Ray that includes the raylet, GCS and workers) is its own. Throughput counts images delivered
-as batches after the first one; the first batch's latency (start-up) is reported separately.
+runs in its own child process. Throughput is the steady state: images delivered after the first
+batch over the time since it; the first batch's latency (pipeline fill) is reported separately, as
+is set-up (Ray: starting the cluster and its worker processes), both one-off costs of a run.
+Peak memory (PSS summed over the child's process tree: for Ray that includes the raylet, GCS and
+workers) is measured in a run of its own: sampling it reads every mapped page of every process,
+which cost the Ray side (a 2 GB object store mapped in each worker) 10-15 % of its throughput.
 """
 
 from __future__ import annotations
@@ -181,28 +184,31 @@ def _loader_batches(cfg, epochs: int, batch: int, procs: int, clock: dict) -> It
 
 
 def _measure(spec: dict) -> dict:
-    """Run one pipeline. The clock starts once it is set up (Ray: cluster up, worker processes warm)
-    and stops at its last batch: pipeline fill time counts, one-off start-up does not. CPU time is
-    summed over the whole process tree (Ray's raylet and GCS included) over the same interval."""
+    """Run one pipeline: throughput, or (spec["memory"]) peak memory. Set-up ends once the pipeline
+    can start (Ray: cluster up, worker processes warm); the first batch's latency is counted from
+    there; throughput from the first batch to the last. CPU time is summed over the whole process
+    tree (Ray's raylet and GCS included) from the end of set-up to the last batch."""
     from lejepa_platform.config import DataConfig
 
     cfg = DataConfig(**spec["cfg"])
-    memory = _PeakMemory()
-    memory.start()
+    memory = _PeakMemory() if spec["memory"] else None
+    if memory:
+        memory.start()
     launched = time.perf_counter()
     clock: dict[str, float] = {}
     source = _ray_batches if spec["pipeline"] == "ray" else _loader_batches
-    images, first = 0, None
+    images, first, first_images = 0, 0.0, 0
     for batch in source(cfg, spec["epochs"], spec["batch"], spec["procs"], clock):
         assert batch["global"].shape[1:] == (cfg.global_views, 3, cfg.global_size, cfg.global_size)
         images += len(batch["label"])
-        first = first or time.perf_counter()
+        if not first:
+            first, first_images = time.perf_counter(), images
     end = time.perf_counter()
-    peak = memory.finish()
-    return {"images": images, "images_per_s": round(images / (end - clock["ready"]), 1),
+    if memory:
+        return {"peak_mem_mb": round(memory.finish() / 2**20)}
+    return {"images": images, "images_per_s": round((images - first_images) / (end - first), 1),
             "cpu_ms_per_image": round(1000 * clock["cpu"] / images, 2),
-            "setup_s": round(clock["ready"] - launched, 2), "first_batch_s": round(first - clock["ready"], 2),
-            "peak_mem_mb": round(peak / 2**20)}
+            "setup_s": round(clock["ready"] - launched, 2), "first_batch_s": round(first - clock["ready"], 2)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +225,10 @@ def _child(spec: dict) -> dict:
 
 
 def _compare(name: str, views: str, cfg: dict, epochs: int, batch: int, procs: int, rounds: int) -> dict:
-    """Each pipeline `rounds` times in ABBA order (a drift in machine load cancels); means reported."""
+    """Throughput runs of each pipeline `rounds` times in ABBA order (a drift in machine load
+    cancels; means reported), then one memory run of each."""
     print(f"bench data: {name} ({views}), {procs} processes each", file=sys.stderr)
-    spec = {"cfg": cfg, "epochs": epochs, "batch": batch, "procs": procs}
+    spec = {"cfg": cfg, "epochs": epochs, "batch": batch, "procs": procs, "memory": False}
     order = ["ray", "dataloader", "dataloader", "ray"] * (rounds // 2) + ["ray", "dataloader"] * (rounds % 2)
     runs: dict[str, list[dict]] = {"ray": [], "dataloader": []}
     for pipeline in order:
@@ -235,7 +242,7 @@ def _compare(name: str, views: str, cfg: dict, epochs: int, batch: int, procs: i
             "cpu_ms_per_image": round(float(np.mean([r["cpu_ms_per_image"] for r in results])), 2),
             "setup_s": max(r["setup_s"] for r in results),
             "first_batch_s": max(r["first_batch_s"] for r in results),
-            "peak_mem_mb": max(r["peak_mem_mb"] for r in results)}
+            **_child({**spec, "pipeline": pipeline, "memory": True})}
     ray, loader = summary["ray"], summary["dataloader"]
     ratio = ray["images_per_s"] / max(loader["images_per_s"], 1e-9)
     print(f"bench data: {name}: ray {ray['images_per_s']} img/s, dataloader {loader['images_per_s']} img/s, "
@@ -250,7 +257,7 @@ def run(quick: bool = False) -> dict:
     from lejepa_platform.data.shards import build_shards
 
     procs = _processes()
-    count = 256 if quick else 1024
+    count = 256 if quick else 2048
     rounds = 1 if quick else 2
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lejepa-bench-data-") as tmp:
@@ -261,7 +268,7 @@ def run(quick: bool = False) -> dict:
         small = dict(global_views=4, global_size=32, local_views=0)
         results = {
             "a_paper_views_256px_jpeg": _compare("a", "2 x 224 + 6 x 96", paper, 1, 64, procs, rounds),
-            "b_builtin_4x32": _compare("b", "4 x 32, no local", small, 1 if quick else 2, 256, procs, rounds),
+            "b_builtin_4x32": _compare("b", "4 x 32, no local", small, 1 if quick else 4, 256, procs, rounds),
         }
     ratio = results["a_paper_views_256px_jpeg"]["ratio"]
     return {"processes": procs, "load_average_1m": [round(load, 2), round(os.getloadavg()[0], 2)], "quick": quick,

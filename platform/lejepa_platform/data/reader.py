@@ -160,10 +160,14 @@ def _tar_chunks(path: Path) -> Iterator[tuple[list, np.ndarray, list[str]]]:
         yield images, np.array(labels, dtype=np.int64), ids
 
 
+def view_bytes(cfg: DataConfig) -> int:
+    """Bytes of uint8 views one training row becomes."""
+    return 3 * (cfg.global_views * cfg.global_size ** 2 + cfg.local_views * cfg.local_size ** 2)
+
+
 def block_rows(cfg: DataConfig) -> int:
     """Rows per output block so that a block of views is about BLOCK_BYTES."""
-    row_bytes = 3 * (cfg.global_views * cfg.global_size ** 2 + cfg.local_views * cfg.local_size ** 2)
-    return int(np.clip(BLOCK_BYTES // row_bytes, 8, UNIT_ROWS))
+    return int(np.clip(BLOCK_BYTES // view_bytes(cfg), 8, UNIT_ROWS))
 
 
 def train_blocks(unit: Unit, plan: Plan, cfg: DataConfig, *, seed: int,
