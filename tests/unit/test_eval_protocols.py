@@ -21,7 +21,8 @@ from lejepa_platform.eval import report as report_module
 from lejepa_platform.eval.features import extract_features, vit_patch_features
 from lejepa_platform.eval.fewshot import fewshot_accuracy
 from lejepa_platform.eval.knn import knn_accuracy
-from lejepa_platform.eval.linear import linear_probe_accuracy
+from lejepa_platform.eval import linear as linear_module
+from lejepa_platform.eval.linear import linear_probe
 from lejepa_platform.eval.report import evaluation_report
 from lejepa_platform.model import build_encoder
 
@@ -54,7 +55,7 @@ Q = P * (C - 1) / C  # probability that a noisy label is wrong
 def test_separable_clusters_are_classified_almost_perfectly():
     assert knn_accuracy(*TRAIN, *TEST, k=20) > 0.98
     assert knn_accuracy(*TRAIN, *TEST, k=200) > 0.98
-    assert linear_probe_accuracy(*TRAIN, *TEST, epochs=20) > 0.98
+    assert linear_probe(*TRAIN, *TEST, epochs=20).accuracy > 0.98
     shots = fewshot_accuracy(*TRAIN, *TEST, shots=(1, 10), draws=3)
     assert shots[10]["mean"] > 0.98 and shots[1]["mean"] > 0.9
 
@@ -63,7 +64,7 @@ def test_noisy_test_labels_cap_a_perfect_classifier_at_one_minus_q():
     noisy = _noisy(TEST[1], P, seed=3)
     agree = float((noisy == TEST[1]).float().mean())
     assert agree == pytest.approx(1 - Q, abs=0.03)
-    for acc in (knn_accuracy(*TRAIN, TEST[0], noisy, k=20), linear_probe_accuracy(*TRAIN, TEST[0], noisy, epochs=20)):
+    for acc in (knn_accuracy(*TRAIN, TEST[0], noisy, k=20), linear_probe(*TRAIN, TEST[0], noisy, epochs=20).accuracy):
         # the classifier is right on every clean label, so it scores exactly the agreeing fraction
         assert acc == pytest.approx(agree, abs=2e-3)
         assert acc == pytest.approx(1 - Q, abs=0.03)
@@ -73,7 +74,7 @@ def test_noisy_train_labels_cap_1nn_but_not_majority_votes():
     noisy = _noisy(TRAIN[1], P, seed=4)
     assert knn_accuracy(TRAIN[0], noisy, *TEST, k=1) == pytest.approx(1 - Q, abs=0.04)
     assert knn_accuracy(TRAIN[0], noisy, *TEST, k=200) > 0.98
-    assert linear_probe_accuracy(TRAIN[0], noisy, *TEST, epochs=20) > 0.97
+    assert linear_probe(TRAIN[0], noisy, *TEST, epochs=20).accuracy > 0.97
 
 
 def test_labels_independent_of_features_give_chance():
@@ -81,7 +82,7 @@ def test_labels_independent_of_features_give_chance():
     x_train, x_test = torch.randn(1000, E, generator=gen), torch.randn(2000, E, generator=gen)
     y_train, y_test = torch.randint(0, C, (1000,), generator=gen), torch.randint(0, C, (2000,), generator=gen)
     accs = [knn_accuracy(x_train, y_train, x_test, y_test, k=20),
-            linear_probe_accuracy(x_train, y_train, x_test, y_test, epochs=10),
+            linear_probe(x_train, y_train, x_test, y_test, epochs=10).accuracy,
             fewshot_accuracy(x_train, y_train, x_test, y_test, shots=(10,), draws=3)[10]["mean"]]
     for acc in accs:
         assert acc == pytest.approx(1 / C, abs=0.04)  # 4+ binomial standard deviations
@@ -116,9 +117,39 @@ def test_knn_matches_a_plain_reference_across_chunks(monkeypatch):
 def test_linear_probe_is_deterministic_and_leaves_global_rng_alone():
     noisy = _noisy(TRAIN[1], 0.8, seed=7)
     state = torch.get_rng_state()
-    a = linear_probe_accuracy(TRAIN[0], noisy, *TEST, epochs=3, seed=11)
+    a = linear_probe(TRAIN[0], noisy, *TEST, epochs=3, seed=11)
     assert torch.equal(torch.get_rng_state(), state)
-    assert linear_probe_accuracy(TRAIN[0], noisy, *TEST, epochs=3, seed=11) == a
+    assert linear_probe(TRAIN[0], noisy, *TEST, epochs=3, seed=11) == a
+
+
+def test_batched_learning_rates_train_exactly_like_separate_probes():
+    x, y = TRAIN[0][:300], TRAIN[1][:300]
+    settings = dict(classes=C, epochs=2, weight_decay=1e-6, batch_size=64, seed=3)
+    weight, bias = linear_module._train(x, y, [1e-3, 1e-1], **settings)
+    for r, lr in enumerate([1e-3, 1e-1]):
+        alone_w, alone_b = linear_module._train(x, y, [lr], **settings)
+        torch.testing.assert_close(weight[r], alone_w[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bias[r], alone_b[0], rtol=1e-5, atol=1e-6)
+
+
+def _shared_noise(n, seed):
+    """Two classes: column 0 = label signal (+-1) + large noise, column 1 = the same noise. The class
+    means differ along column 0 only, which classifies poorly; column 0 - column 1 is exact."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    noise = 10 * torch.randn(n, generator=gen)
+    return torch.stack([(2 * labels - 1) + noise, noise], 1), labels
+
+
+def test_learning_rate_is_chosen_on_held_out_training_rows():
+    # at 1e-5 the weights stay tiny and point along the class means (barely above chance);
+    # at 1e-1 the probe finds column 0 - column 1
+    train, test = _shared_noise(1000, 1), _shared_noise(1000, 2)
+    assert linear_probe(*train, *test, lrs=(1e-5,), epochs=20).accuracy < 0.6
+    result = linear_probe(*train, *test, lrs=(1e-5, 1e-1), epochs=20)
+    assert result.lr == 1e-1 and result.accuracy > 0.97
+    with pytest.raises(ValueError, match="learning rates > 0"):
+        linear_probe(*TRAIN, *TEST, lrs=())
 
 
 def test_fewshot_with_every_example_drawn_is_the_exact_class_mean_rule():
@@ -145,7 +176,7 @@ def test_fewshot_needs_enough_examples_per_class():
         fewshot_accuracy(torch.randn(5, 3), y, torch.randn(2, 3), torch.tensor([0, 1]), shots=(3,))
 
 
-@pytest.mark.parametrize("protocol", [knn_accuracy, linear_probe_accuracy, fewshot_accuracy])
+@pytest.mark.parametrize("protocol", [knn_accuracy, linear_probe, fewshot_accuracy])
 def test_protocols_reject_bad_input(protocol):
     x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
     with pytest.raises(UserError, match="needs labels, but 6 of 6 train images are unlabelled"):
@@ -217,17 +248,18 @@ def test_report_schema_lift_and_plots(tmp_path):
     report = evaluation_report(TINY_VIT, state, train, test, protocols=("linear", "knn", "fewshot"),
                                plots_dir=tmp_path)
     assert set(report) == REPORT_KEYS
-    assert report["schema_version"] == 1 and report["embed_dim"] == 24 and report["image_size"] == [16, 16]
+    assert report["schema_version"] == 2 and report["embed_dim"] == 24 and report["image_size"] == [16, 16]
     assert (report["num_train"], report["num_test"], report["num_classes"]) == (60, 30, 3)
-    metric_keys = {"linear", "knn_k20", "knn_k200", "fewshot_1shot_mean", "fewshot_1shot_std",
+    metric_keys = {"linear", "linear_lr", "knn_k20", "knn_k200", "fewshot_1shot_mean", "fewshot_1shot_std",
                    "fewshot_10shot_mean", "fewshot_10shot_std"}
     assert set(report["models"]) == {"pretrained", "random_init", "raw_pixels"}
     for metrics in report["models"].values():
         assert set(metrics) == metric_keys
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
+        assert metrics["linear_lr"] in linear_module.LEARNING_RATES
     assert report["models"]["raw_pixels"]["linear"] > 0.9  # the channel signal is linear in the pixels
     lift = report["lift"]["vs_raw_pixels"]
-    assert set(lift) == metric_keys - {"fewshot_1shot_std", "fewshot_10shot_std"}
+    assert set(lift) == metric_keys - {"fewshot_1shot_std", "fewshot_10shot_std", "linear_lr"}
     for key, value in lift.items():
         assert value == report["models"]["pretrained"][key] - report["models"]["raw_pixels"][key]
     geo = report["geometry"]

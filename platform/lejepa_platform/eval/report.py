@@ -3,9 +3,9 @@
 A number without a baseline says little: the same backbone at random initialisation and the raw
 pixels go through the same protocols on the same split, and the report states the lift.
 
-JSON schema (version 1; keys are always present, null when not applicable):
+JSON schema (version 2; keys are always present, null when not applicable):
 
-    schema_version   1
+    schema_version   2 (1 had no linear_lr; its linear probe used one fixed learning rate)
     backbone         timm model name (model.backbone)
     embed_dim        backbone feature dimension E
     image_size       [H, W] of the evaluation images
@@ -27,11 +27,12 @@ JSON schema (version 1; keys are always present, null when not applicable):
                      written only when plots_dir is given
 
 METRICS holds accuracies in [0, 1] named by protocol:
-    linear   -> "linear"                                (offline linear probe)
+    linear   -> "linear", "linear_lr"                   (offline linear probe; the learning rate
+                                                        it chose on a validation split)
     knn      -> "knn_k20", "knn_k200"                   (cosine, temperature 0.07)
     fewshot  -> "fewshot_1shot_mean", "fewshot_1shot_std", "fewshot_10shot_mean", "fewshot_10shot_std"
                                                         (nearest class mean, 5 draws)
-LIFT holds pretrained minus baseline for every METRICS key except the *_std ones.
+LIFT holds pretrained minus baseline for every METRICS key except the *_std and *_lr ones.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ from lejepa_platform.eval.features import extract_features, is_vit, vit_patch_fe
 from lejepa_platform.eval.fewshot import fewshot_accuracy
 from lejepa_platform.eval.geometry import covariance_spectrum, effective_rank, per_dim_variance, sigreg_statistic
 from lejepa_platform.eval.knn import knn_accuracy
-from lejepa_platform.eval.linear import linear_probe_accuracy
+from lejepa_platform.eval.linear import linear_probe
 from lejepa_platform.eval.plots import plot_patch_pca, plot_spectrum
 from lejepa_platform.model import Encoder, build_encoder
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PROTOCOLS = ("linear", "knn", "fewshot")
 KNN_KS = (20, 200)
 FEWSHOT_SHOTS = (1, 10)
@@ -134,7 +135,8 @@ def _protocol_metrics(protocols: Sequence[str], train: Split, test: Split, seed:
     metrics: dict[str, float] = {}
     for protocol in protocols:
         if protocol == "linear":
-            metrics["linear"] = linear_probe_accuracy(*train, *test, seed=seed)
+            probe = linear_probe(*train, *test, seed=seed)
+            metrics["linear"], metrics["linear_lr"] = probe.accuracy, probe.lr
         elif protocol == "knn":
             for k in KNN_KS:
                 metrics[f"knn_k{k}"] = knn_accuracy(*train, *test, k=k)
@@ -149,7 +151,7 @@ def _protocol_metrics(protocols: Sequence[str], train: Split, test: Split, seed:
 def _lift(pretrained: dict[str, float] | None, baseline: dict[str, float] | None) -> dict[str, float] | None:
     if pretrained is None or baseline is None:
         return None
-    return {k: pretrained[k] - baseline[k] for k in pretrained if not k.endswith("_std")}
+    return {k: pretrained[k] - baseline[k] for k in pretrained if not k.endswith(("_std", "_lr"))}
 
 
 def _geometry(feats: torch.Tensor, model: str, seed: int) -> tuple[dict[str, Any], np.ndarray]:
