@@ -7,8 +7,8 @@ features and suits others (measured on the embedded dataset: a 96-dim ViT embedd
 points going from 1e-3 to 3e-2, raw pixels lost 4), which would bias every comparison. Each rate
 of a grid trains on 90 % of the training rows and is scored on the other 10 %; the best one is
 retrained on all of them and scored on the test set. The grid trains as one batched model (one
-weight matrix per rate, losses summed: AdamW keeps them independent), so the search costs about
-one extra probe. Weights start at zero and mini-batches come from a private generator, so the
+weight matrix per rate, losses summed: AdamW keeps them independent), one pass for the whole
+grid (evaluating three feature sets of the embedded dataset went from about 20 s to about 40 s). Weights start at zero and mini-batches come from a private generator, so the
 result is a pure function of the inputs and `seed` (the global RNG is never touched).
 """
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lejepa_platform.eval.checks import check_labelled_split, num_classes_of
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-"""The grid searched by default (ascending: a tie goes to the smaller rate)."""
+"""The grid searched by default (a tie goes to the earlier rate: the smaller one here)."""
 VALIDATION_FRACTION = 0.1
 """Share of the training rows held out to choose the learning rate."""
 WARMUP_FRACTION = 0.1
