@@ -24,11 +24,10 @@ def ray_cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from lejepa_platform.ray_env import runtime_env
+    from lejepa_platform.ray_env import init_ray
 
     # trial_driver: the custom resource sweep trials hold (see sweep/tune.py)
-    ray.init(num_cpus=2, resources={"trial_driver": 2}, object_store_memory=500 * 1024**2, include_dashboard=True,
-             log_to_driver=False, runtime_env=runtime_env())
+    init_ray(num_cpus=2, resources={"trial_driver": 2}, object_store_memory=500 * 1024**2, include_dashboard=True)
     try:
         from ray.data import DataContext
 

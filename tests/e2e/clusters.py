@@ -422,8 +422,7 @@ def watch_train_workers(cluster: RayCluster, *, kill_after: tuple[Path, int] | N
 def run_on(cluster: RayCluster, code: str, payload: Any, timeout_s: float = 120) -> Any:
     """Run `code` in a process connected to the cluster; it reads json.loads(sys.argv[1]) and
     prints its result as one JSON line last."""
-    prelude = ("import ray\nfrom lejepa_platform.ray_env import runtime_env\n"
-               f"ray.init(address={cluster.address!r}, log_to_driver=False, runtime_env=runtime_env())\n")
+    prelude = f"from lejepa_platform.ray_env import init_ray\ninit_ray({cluster.address!r})\n"
     out = subprocess.run([sys.executable, "-c", prelude + code, json.dumps(payload)], env=cluster.driver_env(),
                          capture_output=True, text=True, timeout=timeout_s)
     if out.returncode != 0:

@@ -233,6 +233,7 @@ def _compare(name: str, views: str, cfg: dict, epochs: int, batch: int, procs: i
     runs: dict[str, list[dict]] = {"ray": [], "dataloader": []}
     for pipeline in order:
         runs[pipeline].append(_child({**spec, "pipeline": pipeline}))
+    memory = {pipeline: _child({**spec, "pipeline": pipeline, "memory": True}) for pipeline in runs}
     summary = {}
     for pipeline, results in runs.items():
         summary[pipeline] = {
@@ -242,7 +243,7 @@ def _compare(name: str, views: str, cfg: dict, epochs: int, batch: int, procs: i
             "cpu_ms_per_image": round(float(np.mean([r["cpu_ms_per_image"] for r in results])), 2),
             "setup_s": max(r["setup_s"] for r in results),
             "first_batch_s": max(r["first_batch_s"] for r in results),
-            **_child({**spec, "pipeline": pipeline, "memory": True})}
+            **memory[pipeline]}
     ray, loader = summary["ray"], summary["dataloader"]
     ratio = ray["images_per_s"] / max(loader["images_per_s"], 1e-9)
     print(f"bench data: {name}: ray {ray['images_per_s']} img/s, dataloader {loader['images_per_s']} img/s, "

@@ -19,7 +19,7 @@ import torch
 
 from lejepa_platform.config import RunConfig, from_dict, set_values, to_dict
 from lejepa_platform.defaults import default_run_config
-from lejepa_platform.ray_env import runtime_env
+from lejepa_platform.ray_env import init_ray
 
 WARMUP = 5
 
@@ -77,7 +77,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
+        init_ray(include_dashboard=False)
     try:
         dataset = ray.data.from_numpy(views).rename_columns({"data": "global"}).materialize()
         with_ray = TorchTrainer(

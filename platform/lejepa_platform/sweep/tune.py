@@ -21,7 +21,7 @@ from ray import tune
 from lejepa_platform.config import RunConfig, SweepConfig, apply_overrides, flatten, from_dict, set_values, to_dict
 from lejepa_platform.console import say
 from lejepa_platform.errors import RunFailed, UserError
-from lejepa_platform.ray_env import runtime_env
+from lejepa_platform.ray_env import init_ray
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.sweep.analysis import analyze_from_cli
 from lejepa_platform.tracking import SWEEP_TAG, MLflowTracker, find_run, resolve_tracking_uri, run_environment_tags, search_runs
@@ -111,12 +111,9 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env())
-        else:
-            cpus = os.cpu_count() or 1
-            ray.init(num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=True,
-                     dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env())
+        cpus = os.cpu_count() or 1
+        init_ray(address, num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=True,
+                 dashboard_host="127.0.0.1")
     total = ray.cluster_resources()
     if total.get(TRIAL_RESOURCE, 0) < 1:
         raise UserError(f"the Ray cluster has no {TRIAL_RESOURCE!r} resource for trial drivers; start it with "

@@ -37,7 +37,7 @@ from lejepa_platform.data.shards import read_manifest
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import RunFailed, UserError
 from lejepa_platform.model import build_encoder
-from lejepa_platform.ray_env import runtime_env
+from lejepa_platform.ray_env import init_ray
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.tracking import MLflowTracker, resolve_tracking_uri, run_environment_tags
 from lejepa_platform.train.finalize import finalize_run
@@ -88,11 +88,8 @@ def connect_ray(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return address is None and ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env())
-        return False
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env())
-    return True
+    init_ray(address, include_dashboard=True, dashboard_host="127.0.0.1")
+    return not address
 
 
 def check_resources(cfg: RunConfig, final: bool) -> None:
