@@ -29,7 +29,7 @@ def test_bf16_training_step_on_cuda_is_finite_and_sigreg_stays_float32():
 
     cfg = apply_overrides(default_run_config(), ["train.precision=bf16", "data.batch_size=32"])
     device = torch.device("cuda")
-    model = Pretrainer(cfg, num_classes=10).to(device)
+    model = Pretrainer(cfg, num_classes=10, device=device).to(device)
     optimizer = make_optimizer(model, cfg)
     batch = {"global": torch.randint(0, 256, (32, 4, 3, 32, 32), dtype=torch.uint8),
              "label": torch.randint(0, 10, (32,))}

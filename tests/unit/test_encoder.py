@@ -7,7 +7,7 @@ from torch import nn
 
 from lejepa_platform.config import ModelConfig
 from lejepa_platform.errors import UserError
-from lejepa_platform.model import Encoder, GlobalBatchNorm1d, Projector, build_encoder
+from lejepa_platform.model import Encoder, GlobalBatchNorm1d, Projector, build_encoder, use_plain_attention
 
 pytestmark = pytest.mark.unit
 
@@ -76,6 +76,22 @@ def test_same_seed_same_weights_and_outputs():
     assert torch.equal(outs[0], outs[1])
     torch.manual_seed(124)
     assert not torch.equal(build_encoder(TINY_VIT)(glob, loc).projections, outs[0])
+
+
+def test_plain_attention_computes_what_fused_attention_computes():
+    torch.manual_seed(0)
+    enc = build_encoder(TINY_VIT)
+    glob, loc = _views()
+    fused = enc(glob, loc)
+    fused_grads = torch.autograd.grad(fused.projections.square().sum(), list(enc.backbone.parameters()))
+    assert use_plain_attention(enc) == 4  # one attention block per ViT block
+    assert all(block.attn.fused_attn is False for block in enc.backbone.blocks)
+    plain = enc(glob, loc)
+    plain_grads = torch.autograd.grad(plain.projections.square().sum(), list(enc.backbone.parameters()))
+    assert torch.allclose(plain.projections, fused.projections, atol=1e-5)
+    for a, b in zip(plain_grads, fused_grads):  # float rounding only: relative to each gradient's scale
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6
+    assert use_plain_attention(build_encoder(TINY_RESNET)) == 0
 
 
 def test_unknown_backbone_suggests_close_timm_names():

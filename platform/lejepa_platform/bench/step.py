@@ -37,9 +37,9 @@ def _timed_loop(cfg: RunConfig, batches, threads: int) -> float:
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
-    model = Pretrainer(cfg, num_classes=0)
-    optimizer = make_optimizer(model, cfg)
     device = torch.device("cpu")
+    model = Pretrainer(cfg, num_classes=0, device=device)
+    optimizer = make_optimizer(model, cfg)
     start, images = None, 0
     for step, batch in enumerate(batches):
         if step == WARMUP:

@@ -17,7 +17,7 @@ from lejepa_platform.config import RunConfig, warmup_steps
 from lejepa_platform.data.views import normalize
 from lejepa_platform.eval.geometry import effective_rank
 from lejepa_platform.loss import lejepa_loss, slice_directions
-from lejepa_platform.model import build_encoder
+from lejepa_platform.model import build_encoder, use_plain_attention
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,11 +25,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Pretrainer(nn.Module):
-    """Encoder plus an optional online linear probe (LayerNorm + Linear) on detached embeddings."""
+    """Encoder plus an optional online linear probe (LayerNorm + Linear) on detached embeddings.
 
-    def __init__(self, cfg: RunConfig, num_classes: int):
+    `device` is where it will train (the caller moves it there): on CPU, attention takes the plain
+    path (`model.use_plain_attention`), which is faster there.
+    """
+
+    def __init__(self, cfg: RunConfig, num_classes: int, *, device: torch.device | str = "cpu"):
         super().__init__()
         self.encoder = build_encoder(cfg.model)
+        if torch.device(device).type == "cpu":
+            use_plain_attention(self.encoder)
         self.probe = (nn.Sequential(nn.LayerNorm(self.encoder.embed_dim), nn.Linear(self.encoder.embed_dim, num_classes))
                       if cfg.train.probe and num_classes > 0 else None)
 
