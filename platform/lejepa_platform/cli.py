@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lejepa_platform.config import EVAL_FEATURES
 from lejepa_platform.errors import RunFailed, UserError
 
 Handler = Callable[[argparse.Namespace], dict]
@@ -51,7 +52,8 @@ def _bench(args: argparse.Namespace) -> dict:
 def _eval(args: argparse.Namespace) -> dict:
     from lejepa_platform.evaluation import eval_from_cli
 
-    return eval_from_cli(args.target, data=args.data, protocols=args.protocol, tracking_uri=args.tracking_uri)
+    return eval_from_cli(args.target, data=args.data, protocols=args.protocol, tracking_uri=args.tracking_uri,
+                         features=args.features)
 
 
 def _sweep(args: argparse.Namespace) -> dict:
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="MLflow run id or checkpoint directory")
     p.add_argument("--data", required=True, help="labelled shard directory or builtin:NAME")
     p.add_argument("--protocol", default="knn,linear", help="comma list of knn, linear, fewshot")
+    p.add_argument("--features", choices=EVAL_FEATURES, default=None,
+                   help="what the probes read (default: the run's eval.features)")
     p.add_argument("--tracking-uri", default=None)
 
     p = command("sweep", _sweep, "run a Ray Tune sweep from a sweeps/*.py recipe")

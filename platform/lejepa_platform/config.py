@@ -23,6 +23,10 @@ class ConfigError(UserError):
     """A config value or key that is not allowed."""
 
 
+EVAL_FEATURES = ("embedding", "embedding+patch_mean")
+"""What frozen-feature probes can read (eval/features.py)."""
+
+
 def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{field} = {value!r} is not allowed: must be {allowed}")
@@ -215,6 +219,10 @@ class EvalConfig:
     """Protocols to run: any of linear, knn, fewshot."""
     eval_size: int = 0
     """Side in pixels of evaluation images; 0 means data.global_size."""
+    features: str = "embedding+patch_mean"
+    """What the probes read: "embedding" (the backbone's pooled output) or "embedding+patch_mean"
+    (ViTs: that and the mean patch token, concatenated; other backbones: the embedding).
+    eval/features.py says why."""
 
     def __post_init__(self) -> None:
         allowed = ("linear", "knn", "fewshot")
@@ -222,6 +230,7 @@ class EvalConfig:
         _require(not bad and len(self.protocols) > 0, "eval.protocols",
                  f"a non-empty list drawn from {', '.join(allowed)}", self.protocols)
         _require(self.eval_size >= 0, "eval.eval_size", ">= 0", self.eval_size)
+        _require(self.features in EVAL_FEATURES, "eval.features", f"one of {', '.join(EVAL_FEATURES)}", self.features)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from lejepa_platform.config import RunConfig, from_dict
+from lejepa_platform.config import RunConfig, from_dict, set_values
 from lejepa_platform.data.evalset import load_eval_set
 from lejepa_platform.data.shards import split_rows
 from lejepa_platform.errors import UserError
@@ -32,7 +32,8 @@ REPORT_FILE = "evaluation.json"
 
 def evaluate_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], source: str, *,
                      protocols: tuple[str, ...], plots_dir: Path | None = None) -> dict[str, Any]:
-    """Protocols on `source`'s fixed train/test split for `weights` (Encoder or backbone state)."""
+    """Protocols on `source`'s fixed train/test split for `weights` (Encoder or backbone state),
+    reading the features cfg.eval.features names."""
     if split_rows(source) is None:
         raise UserError(f"{source!r} has no train/test split in its manifest; evaluation needs one "
                         "(build it with `lejepa shards build`, which records a seeded split for labelled data)")
@@ -40,6 +41,7 @@ def evaluate_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], source: s
     train = load_eval_set(source, "train", size)
     test = load_eval_set(source, "test", size)
     return evaluation_report(cfg.model, weights, train, test, protocols=protocols, seed=cfg.train.seed,
+                             features=cfg.eval.features,
                              plots_dir=plots_dir)
 
 
@@ -81,11 +83,15 @@ def load_target(target: str, tracking_uri: str) -> tuple[RunConfig, dict[str, to
     return cfg, weights, target
 
 
-def eval_from_cli(target: str, *, data: str, protocols: str, tracking_uri: str | None) -> dict[str, Any]:
-    """`lejepa eval`: report and plots under lejepa-eval/; attached to the MLflow run when given a run id."""
+def eval_from_cli(target: str, *, data: str, protocols: str, tracking_uri: str | None,
+                  features: str | None = None) -> dict[str, Any]:
+    """`lejepa eval`: report and plots under lejepa-eval/; attached to the MLflow run when given a
+    run id. The probes read `features`, by default what the run's own eval.features says."""
     chosen = parse_protocols(protocols)
     uri = resolve_tracking_uri(tracking_uri or "")
     cfg, weights, run_id = load_target(target, uri)
+    if features is not None:
+        cfg = set_values(cfg, {"eval.features": features})
     out = Path(OUT_DIR).resolve() / re.sub(r"[^A-Za-z0-9_.-]+", "_", target.strip("/"))[-80:]
     report = evaluate_weights(cfg, weights, data, protocols=chosen, plots_dir=out)
     report.update({"target": target, "data": data})

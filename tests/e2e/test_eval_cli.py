@@ -37,10 +37,12 @@ def trained(ray_cluster, tmp_path_factory):
 
 def test_eval_checkpoint_reports_pretrained_random_init_and_raw_pixels(trained):
     cfg, _, checkpoint, tmp = trained
-    out = lejepa("eval", str(checkpoint), "--data", "builtin:fashion-mnist-10k", "--protocol", "knn", "--json", cwd=tmp)
+    out = lejepa("eval", str(checkpoint), "--data", "builtin:fashion-mnist-10k", "--protocol", "knn",
+                 "--features", "embedding", "--json", cwd=tmp)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["num_train"] == 8000 and report["num_test"] == 2000 and report["num_classes"] == 10
+    assert (report["features"], report["feature_dim"]) == ("embedding", report["embed_dim"])
     for model in ("pretrained", "random_init", "raw_pixels"):
         assert 0.1 < report["models"][model]["knn_k20"] <= 1.0
     lift = report["lift"]["vs_random_init"]["knn_k20"]
@@ -54,6 +56,7 @@ def test_eval_run_id_attaches_metrics_and_plots_to_the_run(trained):
     out = lejepa("eval", run_id, "--data", "builtin:fashion-mnist-10k", "--protocol", "knn",
                  "--tracking-uri", cfg.track.uri, "--json", cwd=tmp)
     assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["features"] == "embedding+patch_mean"  # the run's eval.features
     run = find_run(cfg.track.uri, run_id)
     assert run["status"] == "FINISHED"  # attaching results does not reopen the run
     assert run["metrics"]["eval/pretrained/knn_k20"] == pytest.approx(json.loads(out.stdout)["models"]["pretrained"]["knn_k20"])

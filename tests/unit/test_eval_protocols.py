@@ -9,6 +9,7 @@ clean classes. Labels independent of the features give chance, 1 / C.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from lejepa_platform.config import ModelConfig
 from lejepa_platform.errors import UserError
 from lejepa_platform.eval import knn as knn_module
 from lejepa_platform.eval import report as report_module
-from lejepa_platform.eval.features import extract_features, vit_patch_features
+from lejepa_platform.eval.features import extract_features, probe_embedder, vit_patch_features
 from lejepa_platform.eval.fewshot import fewshot_accuracy
 from lejepa_platform.eval.knn import knn_accuracy
 from lejepa_platform.eval import linear as linear_module
@@ -132,6 +133,32 @@ def test_batched_learning_rates_train_exactly_like_separate_probes():
         torch.testing.assert_close(bias[r], alone_b[0], rtol=1e-5, atol=1e-6)
 
 
+def test_probe_training_matches_nn_linear_with_torch_adamw():
+    """The written-out softmax gradient and AdamW update against autograd + torch.optim.AdamW on
+    the same mini-batches and the same warmup + cosine learning rates."""
+    x, y = TRAIN[0][:300], _noisy(TRAIN[1][:300], 0.3, seed=4)
+    lr, weight_decay, batch_size, epochs, seed = 3e-2, 1e-2, 64, 3, 5
+    weight, bias = linear_module._train(x, y, [lr], classes=C, epochs=epochs, weight_decay=weight_decay,
+                                        batch_size=batch_size, seed=seed)
+    probe = torch.nn.Linear(E, C)
+    torch.nn.init.zeros_(probe.weight), torch.nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    total = epochs * math.ceil(300 / batch_size)
+    warmup = max(1, int(linear_module.WARMUP_FRACTION * total))
+    generator, step = torch.Generator().manual_seed(seed), 0
+    for _ in range(epochs):
+        order = torch.randperm(300, generator=generator)
+        for start in range(0, 300, batch_size):
+            rows = order[start:start + batch_size]
+            optimizer.param_groups[0]["lr"] = lr * linear_module._schedule(step, warmup, total)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(probe(x[rows]), y[rows]).backward()
+            optimizer.step()
+            step += 1
+    torch.testing.assert_close(weight[0], probe.weight.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias[0], probe.bias.detach(), rtol=1e-4, atol=1e-5)
+
+
 def _shared_noise(n, seed):
     """Two classes: column 0 = label signal (+-1) + large noise, column 1 = the same noise. The class
     means differ along column 0 only, which classifies poorly; column 0 - column 1 is exact."""
@@ -237,7 +264,23 @@ def test_vit_patch_features_have_the_patch_grid():
         vit_patch_features(build_encoder(TINY_RESNET), _image_split(1, 0).images)
 
 
-REPORT_KEYS = {"schema_version", "backbone", "embed_dim", "image_size", "num_train", "num_test", "num_classes",
+def test_vit_features_are_the_embedding_then_the_mean_patch_token():
+    torch.manual_seed(0)
+    enc = build_encoder(TINY_VIT)
+    images = _image_split(5, 0, size=32).images
+    embedding = extract_features(enc, images, features="embedding")
+    both = extract_features(enc, images, features="embedding+patch_mean")
+    patches = torch.stack([grid.flatten(0, 1).mean(dim=0) for grid in vit_patch_features(enc, images)])
+    assert embedding.shape == (5, 24) and both.shape == (5, 48)
+    assert torch.allclose(both[:, :24], embedding, atol=1e-5)
+    assert torch.allclose(both[:, 24:], patches, atol=1e-5)
+    resnet = build_encoder(TINY_RESNET)  # no patch tokens: the embedding either way
+    assert probe_embedder(resnet, "embedding+patch_mean") == resnet.embed
+    with pytest.raises(ValueError, match="features must be one of embedding, embedding"):
+        probe_embedder(enc, "patches")
+
+
+REPORT_KEYS = {"schema_version", "backbone", "embed_dim", "features", "feature_dim", "image_size", "num_train", "num_test", "num_classes",
                "protocols", "seed", "models", "lift", "geometry", "plots"}
 
 
@@ -248,7 +291,8 @@ def test_report_schema_lift_and_plots(tmp_path):
     report = evaluation_report(TINY_VIT, state, train, test, protocols=("linear", "knn", "fewshot"),
                                plots_dir=tmp_path)
     assert set(report) == REPORT_KEYS
-    assert report["schema_version"] == 2 and report["embed_dim"] == 24 and report["image_size"] == [16, 16]
+    assert report["schema_version"] == 3 and report["embed_dim"] == 24 and report["image_size"] == [16, 16]
+    assert report["features"] == "embedding+patch_mean" and report["feature_dim"] == 48
     assert (report["num_train"], report["num_test"], report["num_classes"]) == (60, 30, 3)
     metric_keys = {"linear", "linear_lr", "knn_k20", "knn_k200", "fewshot_1shot_mean", "fewshot_1shot_std",
                    "fewshot_10shot_mean", "fewshot_10shot_std"}
@@ -281,6 +325,7 @@ def test_report_without_weights_keeps_the_schema_and_compares_baselines():
     assert report["lift"] == {"vs_random_init": None, "vs_raw_pixels": None}
     assert report["geometry"]["model"] == "random_init"
     assert report["plots"] == {"spectrum": None, "patch_pca": None}
+    assert (report["features"], report["feature_dim"]) == ("embedding+patch_mean", 16)  # a CNN: the embedding
     assert set(report["models"]["random_init"]) == {"knn_k20", "knn_k200"}
     again = evaluation_report(TINY_RESNET, None, train, test, protocols=("knn",), seed=3)
     assert again["models"] == report["models"] and again["geometry"] == report["geometry"]

@@ -3,6 +3,15 @@
 Images are normalised exactly as in pretraining (`data.views.normalize`) so the frozen backbone
 sees the input distribution it was trained on. Modules run in eval mode without gradients and get
 their previous mode back afterwards. Results come back on the CPU.
+
+What the probes read (`FEATURES`, chosen by eval.features): "embedding" is the backbone's pooled
+output (for timm ViTs the class token), the vector the online probe and the geometry read;
+"embedding+patch_mean" appends the mean of the final patch tokens for ViTs (DINO's linear
+evaluation of ViT-B reads the same pair), because the class token alone leaves out what the
+patch tokens learnt: on the embedded dataset a 540-step default backbone scored 77.4 % linear /
+74.6 % kNN with the class token and 80.6 / 76.0 with both, the random-init ViT 66.2 / 61.8 and
+71.5 / 61.9. Backbones without patch tokens (CNNs) give their embedding either way. The
+embedding is always the first E columns.
 """
 
 from __future__ import annotations
@@ -13,19 +22,38 @@ import numpy as np
 import torch
 from torch import nn
 
+from lejepa_platform.config import EVAL_FEATURES as FEATURES
+
 Embedder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def extract_features(encoder_or_fn: nn.Module | Embedder, images_uint8: np.ndarray | torch.Tensor, *,
-                     batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
-    """(N, 3, S, S) uint8 images -> (N, E) float32 features.
+                     features: str = "embedding", batch_size: int = 256,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, 3, S, S) uint8 images -> (N, D) float32 features.
 
-    `encoder_or_fn` is an `Encoder` (its `embed` is used), any module, or a function from a
-    normalised float batch (B, 3, S, S) to (B, E), e.g. `lambda x: x.flatten(1)` for raw pixels.
+    `encoder_or_fn` is an `Encoder` (read as `features` says), any module, or a function from a
+    normalised float batch (B, 3, S, S) to (B, D), e.g. `lambda x: x.flatten(1)` for raw pixels.
     """
     images = torch.as_tensor(images_uint8)
-    embed = getattr(encoder_or_fn, "embed", encoder_or_fn)
+    embed = probe_embedder(encoder_or_fn, features) if hasattr(encoder_or_fn, "embed") else encoder_or_fn
     return _batched(embed, encoder_or_fn, images, batch_size, device, lambda out: out)
+
+
+def probe_embedder(encoder: nn.Module, features: str) -> Embedder:
+    """The function of a normalised batch that yields `features` (one of FEATURES) of `encoder`."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+    backbone = encoder.backbone
+    if features == "embedding" or not is_vit(backbone):
+        return encoder.embed
+
+    def embedding_and_patch_mean(images: torch.Tensor) -> torch.Tensor:
+        tokens = backbone.forward_features(images)
+        patch_mean = tokens[:, backbone.num_prefix_tokens:].mean(dim=1)
+        return torch.cat([backbone.forward_head(tokens), patch_mean], dim=1)
+
+    return embedding_and_patch_mean
 
 
 def vit_patch_features(encoder: nn.Module, images_uint8: np.ndarray | torch.Tensor, *,

@@ -3,11 +3,15 @@
 A number without a baseline says little: the same backbone at random initialisation and the raw
 pixels go through the same protocols on the same split, and the report states the lift.
 
-JSON schema (version 2; keys are always present, null when not applicable):
+JSON schema (version 3; keys are always present, null when not applicable):
 
-    schema_version   2 (1 had no linear_lr; its linear probe used one fixed learning rate)
+    schema_version   3 (2 had no features / feature_dim: its probes read the embedding; 1 had no
+                     linear_lr: its linear probe used one fixed learning rate)
     backbone         timm model name (model.backbone)
     embed_dim        backbone feature dimension E
+    features         what the probes of the backbones read (eval/features.py): "embedding" or
+                     "embedding+patch_mean"
+    feature_dim      their dimension D (E, or 2E for a ViT read as embedding+patch_mean)
     image_size       [H, W] of the evaluation images
     num_train        labelled training images used (unlabelled rows, label -1, are dropped)
     num_test         labelled test images used
@@ -17,7 +21,8 @@ JSON schema (version 2; keys are always present, null when not applicable):
     models           {"pretrained": METRICS or null (no weights given), "random_init": METRICS,
                       "raw_pixels": METRICS}
     lift             {"vs_random_init": LIFT or null, "vs_raw_pixels": LIFT or null}
-    geometry         held-out (test) embeddings of the pretrained backbone, else the random one:
+    geometry         held-out (test) embeddings (E dims, whatever the probes read) of the
+                     pretrained backbone, else the random one:
                      {"model": "pretrained" | "random_init", "effective_rank": RankMe,
                       "effective_rank_fraction": effective_rank / embed_dim,
                       "sigreg": SIGReg statistic of the embeddings as they are (1024 slices),
@@ -55,7 +60,7 @@ from lejepa_platform.eval.linear import linear_probe
 from lejepa_platform.eval.plots import plot_patch_pca, plot_spectrum
 from lejepa_platform.model import Encoder, build_encoder
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PROTOCOLS = ("linear", "knn", "fewshot")
 KNN_KS = (20, 200)
 FEWSHOT_SHOTS = (1, 10)
@@ -77,7 +82,8 @@ Split = tuple[torch.Tensor, torch.Tensor]
 
 def evaluation_report(model_cfg: ModelConfig, state_dict: dict | None, train: LabelledImages,
                       test: LabelledImages, *, protocols: Sequence[str] = ("linear", "knn"), seed: int = 0,
-                      device: str | torch.device = "cpu", plots_dir: str | Path | None = None) -> dict:
+                      features: str = "embedding+patch_mean", device: str | torch.device = "cpu",
+                      plots_dir: str | Path | None = None) -> dict:
     """Run `protocols` for the pretrained backbone (when `state_dict` is given: an `Encoder` state or
     the backbone's own), the random-init backbone and raw pixels; see the module doc for the schema."""
     bad = [p for p in protocols if p not in PROTOCOLS]
@@ -97,13 +103,14 @@ def evaluation_report(model_cfg: ModelConfig, state_dict: dict | None, train: La
     models: dict[str, dict[str, float] | None] = {"pretrained": None}
     test_feats: dict[str, torch.Tensor] = {}
     for name, embedder in embedders.items():
-        tr = extract_features(embedder, train_split[0], device=device).to(device)
-        te = extract_features(embedder, test_split[0], device=device).to(device)
+        tr = extract_features(embedder, train_split[0], features=features, device=device).to(device)
+        te = extract_features(embedder, test_split[0], features=features, device=device).to(device)
         models[name] = _protocol_metrics(protocols, (tr, train_split[1]), (te, test_split[1]), seed)
         test_feats[name] = te
 
     geo_model = "pretrained" if "pretrained" in encoders else "random_init"
-    geometry, eigs = _geometry(test_feats[geo_model], geo_model, seed)
+    embed_dim = encoders["random_init"].embed_dim
+    geometry, eigs = _geometry(test_feats[geo_model][:, :embed_dim], geo_model, seed)
     plots: dict[str, str | None] = {"spectrum": None, "patch_pca": None}
     if plots_dir is not None:
         plots["spectrum"] = str(plot_spectrum(eigs, Path(plots_dir) / "spectrum.png"))
@@ -116,7 +123,9 @@ def evaluation_report(model_cfg: ModelConfig, state_dict: dict | None, train: La
     return {
         "schema_version": SCHEMA_VERSION,
         "backbone": model_cfg.backbone,
-        "embed_dim": encoders["random_init"].embed_dim,
+        "embed_dim": embed_dim,
+        "features": features,
+        "feature_dim": int(test_feats["random_init"].shape[1]),
         "image_size": list(train_split[0].shape[-2:]),
         "num_train": int(train_split[1].numel()),
         "num_test": int(test_split[1].numel()),
