@@ -11,5 +11,6 @@ def test_step_bench_measures_both_sides_on_identical_work(ray_cluster):
     result = run(quick=True)
     assert result["workload"]["measured_steps"] == 7
     assert result["plain_images_per_s"] > 0 and result["ray_train_images_per_s"] > 0
+    assert result["plain_images_per_s"] == pytest.approx(sum(result["plain_runs_images_per_s"]) / 2, abs=0.1)
     assert result["ratio_ray_over_plain"] == pytest.approx(
         result["ray_train_images_per_s"] / result["plain_images_per_s"], rel=0.01)
