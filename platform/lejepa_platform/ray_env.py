@@ -15,7 +15,7 @@ step (2 threads) took 0.78 s instead of 0.26 s; spinning 1,000 times it took 0.5
 end, `lejepa pretrain --set eval.enabled=false` ran 228 s with it and 244 s with libgomp's
 default (GOMP_SPINCOUNT=300000 exported, which wins over this one as any user's value does).
 The price shows where nothing else runs: `lejepa bench step` (no data tasks alongside) gets a
-Ray/plain ratio of 0.84-0.89 with it and 0.90-0.995 with GOMP_SPINCOUNT=300000.
+Ray/plain ratio of 0.81-0.89 with it and 0.90-0.995 with GOMP_SPINCOUNT=300000.
 """
 
 from __future__ import annotations

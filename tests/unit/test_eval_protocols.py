@@ -280,8 +280,8 @@ def test_vit_features_are_the_embedding_then_the_mean_patch_token():
         probe_embedder(enc, "patches")
 
 
-REPORT_KEYS = {"schema_version", "backbone", "embed_dim", "features", "feature_dim", "image_size", "num_train", "num_test", "num_classes",
-               "protocols", "seed", "models", "lift", "geometry", "plots"}
+REPORT_KEYS = {"schema_version", "backbone", "embed_dim", "features", "feature_dim", "image_size", "num_train",
+               "num_test", "num_classes", "protocols", "seed", "models", "lift", "geometry", "plots"}
 
 
 def test_report_schema_lift_and_plots(tmp_path):

@@ -5,9 +5,10 @@ Shape of the stream: the work items are (epoch, unit) pairs in epoch-major order
 permuted by (seed, epoch); a task takes a run of consecutive items (about TASK_BYTES of views) and,
 item by item, reads the unit, shuffles its rows, decodes them (bad records skipped) and yields
 blocks of uint8 views. Epochs therefore follow one another in one finite dataset instead of a
-union of per-epoch reads, which Ray Data would execute concurrently. Views depend only on (seed, epoch, record id), so a run is reproducible whatever the
-order tasks finish in. Consumers add a local shuffle buffer (`iter_torch_batches(...,
-local_shuffle_buffer_size=...)`) and normalise on their device with `views.normalize`.
+union of per-epoch reads, which Ray Data would execute concurrently. Views depend only on (seed,
+epoch, record id), so a run is reproducible whatever the order tasks finish in. Consumers add a
+local shuffle buffer (`iter_torch_batches(..., local_shuffle_buffer_size=...)`) and normalise on
+their device with `views.normalize`.
 
 Bad records: each task reports (records read, skip reasons) to a `DataStats` actor when the caller
 passes one, before yielding the block they belong to; after the stream is consumed,

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from lejepa_platform.config import ModelConfig
+from lejepa_platform.config import EvalConfig, ModelConfig
 from lejepa_platform.errors import UserError
 from lejepa_platform.eval.features import extract_features, is_vit, vit_patch_features
 from lejepa_platform.eval.fewshot import fewshot_accuracy
@@ -82,7 +82,7 @@ Split = tuple[torch.Tensor, torch.Tensor]
 
 def evaluation_report(model_cfg: ModelConfig, state_dict: dict | None, train: LabelledImages,
                       test: LabelledImages, *, protocols: Sequence[str] = ("linear", "knn"), seed: int = 0,
-                      features: str = "embedding+patch_mean", device: str | torch.device = "cpu",
+                      features: str = EvalConfig.features, device: str | torch.device = "cpu",
                       plots_dir: str | Path | None = None) -> dict:
     """Run `protocols` for the pretrained backbone (when `state_dict` is given: an `Encoder` state or
     the backbone's own), the random-init backbone and raw pixels; see the module doc for the schema."""

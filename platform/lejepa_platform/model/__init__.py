@@ -3,4 +3,5 @@
 from lejepa_platform.model.encoder import Encoder, EncoderOutput, build_encoder, create_backbone, use_plain_attention
 from lejepa_platform.model.projector import GlobalBatchNorm1d, Projector
 
-__all__ = ["Encoder", "EncoderOutput", "GlobalBatchNorm1d", "Projector", "build_encoder", "create_backbone", "use_plain_attention"]
+__all__ = ["Encoder", "EncoderOutput", "GlobalBatchNorm1d", "Projector", "build_encoder", "create_backbone",
+           "use_plain_attention"]

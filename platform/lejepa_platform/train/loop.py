@@ -45,7 +45,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.train.seed)
-    model = ray.train.torch.prepare_model(Pretrainer(cfg, loop_config["num_classes"], device=device))  # on device, DDP if world > 1
+    # on device, DDP if world > 1
+    model = ray.train.torch.prepare_model(Pretrainer(cfg, loop_config["num_classes"], device=device))
     bare = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(bare, cfg)
     step = 0
