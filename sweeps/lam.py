@@ -12,8 +12,8 @@ from lejepa_platform.defaults import default_run_config
 
 
 def config() -> SweepConfig:
-    base = set_values(default_run_config(), {"train.steps": 300, "train.cpus_per_worker": 0.5,
-                                             "track.experiment": "lam"})
+    base = set_values(default_run_config(), {"train.steps": 300, "train.time_budget_s": 0.0,  # equal steps per trial
+                                             "train.cpus_per_worker": 0.5, "track.experiment": "lam"})
     return SweepConfig(
         base=base,
         space={"loss.lam": {"loguniform": [0.005, 0.5]}},

@@ -12,7 +12,7 @@ def config() -> SweepConfig:
         "model.backbone_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2},
         "model.proj_hidden_dim": 128, "model.proj_dim": 32,
         "data.global_views": 2, "data.batch_size": 32,
-        "train.steps": 30, "train.log_every": 5, "train.checkpoint_every": 15,
+        "train.steps": 30, "train.time_budget_s": 0.0, "train.log_every": 5, "train.checkpoint_every": 15,
         "train.cpus_per_worker": 0.5, "train.torch_threads": 1,
         "eval.protocols": ("knn",),
         "track.experiment": "smoke",

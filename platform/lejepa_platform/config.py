@@ -143,13 +143,18 @@ class TrainConfig:
     """Optimisation, scale-out and fault tolerance of one pretraining run."""
 
     steps: int = 1000
-    """Total optimizer steps of the run."""
+    """Total optimizer steps of the run (with a time budget: at most this many)."""
     lr: float = 5e-4
     """Peak learning rate of AdamW (reached after warmup)."""
     weight_decay: float = 0.05
     """AdamW weight decay (paper: 5e-2 for ViTs, 5e-4 for ResNets)."""
     warmup_frac: float = 0.1
     """Fraction of the steps spent in linear warmup before the cosine decay to lr / 1000."""
+    time_budget_s: float = 0.0
+    """Training-time budget in seconds; 0 means none (the run takes exactly `steps` steps). With one,
+    the schedule advances by whichever is further along, steps / `steps` or training time / budget,
+    and the run ends when either reaches its end. Training time is the worker loop's wall time from
+    its first batch, summed over restarts: start-up, restarts and evaluation are outside it."""
     workers: int = 1
     """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool = False
@@ -184,6 +189,7 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", "> 0", self.lr)
         _require(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
         _require(0.0 <= self.warmup_frac < 1.0, "train.warmup_frac", "in [0, 1)", self.warmup_frac)
+        _require(self.time_budget_s >= 0, "train.time_budget_s", ">= 0 (0: no budget)", self.time_budget_s)
         _require(self.workers >= 1, "train.workers", ">= 1", self.workers)
         _require(self.cpus_per_worker > 0, "train.cpus_per_worker", "> 0", self.cpus_per_worker)
         _require(self.torch_threads >= 0, "train.torch_threads", ">= 0", self.torch_threads)

@@ -29,7 +29,7 @@ def default_run_config() -> RunConfig:
         loss=LossConfig(lam=0.05, num_slices=256),
         data=DataConfig(source="builtin:fashion-mnist-10k", split="train", global_views=4, global_size=32,
                         global_scale=(0.25, 1.0), local_views=0, blur_p=0.0, batch_size=128, shuffle_buffer=1024),
-        train=TrainConfig(steps=640, lr=2e-3, weight_decay=0.05, warmup_frac=0.1, workers=1,
+        train=TrainConfig(steps=640, time_budget_s=200.0, lr=2e-3, weight_decay=0.05, warmup_frac=0.1, workers=1,
                           cpus_per_worker=1.0, torch_threads=2, log_every=10, checkpoint_every=80,
                           max_failures=2),
     )

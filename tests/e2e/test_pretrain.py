@@ -21,6 +21,7 @@ from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import RunFailed, UserError
 from lejepa_platform.tracking import find_run, list_artifacts, metric_history
 from lejepa_platform.train.launch import pretrain, pretrain_from_cli
+from lejepa_platform.train.step import lr_factor
 
 pytestmark = pytest.mark.e2e
 
@@ -28,13 +29,13 @@ STEPS = 20
 
 
 def tiny_config(tmp_path: Path, *extra: str) -> RunConfig:
-    """Two CPU workers, a 2-block ViT on 16 px views, every step logged."""
+    """Two CPU workers, a 2-block ViT on 16 px views, every step logged, no time budget."""
     return apply_overrides(default_run_config(), [
         'model.backbone_kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}',
         "model.proj_hidden_dim=64", "model.proj_dim=16",
         "loss.num_slices=64", "data.global_views=2", "data.global_size=16", "data.local_views=2",
         "data.local_size=8", "data.batch_size=32", "data.shuffle_buffer=64",
-        f"train.steps={STEPS}", "train.log_every=1", "train.checkpoint_every=5", "train.workers=2",
+        f"train.steps={STEPS}", "train.time_budget_s=0", "train.log_every=1", "train.checkpoint_every=5", "train.workers=2",
         "train.cpus_per_worker=0.5", "train.torch_threads=1", "train.lr=1e-3", "train.warmup_frac=0.1",
         f"train.storage_path={tmp_path / 'runs'}", f"track.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "track.experiment=e2e", "eval.enabled=false", *extra])
@@ -132,6 +133,30 @@ def test_crashed_run_resumes_in_the_same_mlflow_run(ray_cluster, tmp_path):
     assert summary["steps"] == STEPS
     assert logged_steps(cfg, run_id) == list(range(1, STEPS + 1))
     assert find_run(cfg.track.uri, run_id)["status"] == "FINISHED"
+
+
+def test_time_budget_ends_the_run_on_time_through_the_whole_schedule(ray_cluster, tmp_path):
+    budget, lr = 6.0, 1e-3
+    cfg = tiny_config(tmp_path, "train.name=budget", "train.steps=100000", f"train.time_budget_s={budget}")
+    summary = pretrain(cfg, quiet=True)
+
+    steps = summary["steps"]
+    assert summary["stopped_by"] == "time budget" and 5 < steps < 100000
+    assert budget - 1.0 < summary["train_seconds"] < budget + 2.0
+    assert logged_steps(cfg, summary["mlflow_run_id"]) == list(range(1, steps + 1))
+    lrs = [v for _, v in metric_history(cfg.track.uri, summary["mlflow_run_id"], "lr")]
+    assert lrs[-1] == pytest.approx(lr * lr_factor(99999, cfg))  # the schedule's last value
+    peak = lrs.index(max(lrs))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # cosine decay paced by time
+    seconds = [v for _, v in metric_history(cfg.track.uri, summary["mlflow_run_id"], "train/seconds")]
+    assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(summary["train_seconds"], abs=0.1)
+    final = torch.load(sorted((tmp_path / "runs" / "budget").glob("checkpoint_*/state.pt"))[-1], weights_only=True)
+    assert final["step"] == steps and final["finished"]
+
+    again = pretrain_from_cli(None, overrides=[f"train.storage_path={cfg.train.storage_path}"], resume="budget",
+                              address=None, quiet=True)
+    assert again["steps"] == steps  # a finished run resumed trains no further
+    assert logged_steps(cfg, summary["mlflow_run_id"]) == list(range(1, steps + 1))
 
 
 def find_run_by_name(cfg: RunConfig, name: str) -> str:

@@ -1,4 +1,4 @@
-"""One optimizer step without Ray: schedule, non-finite stop, probe isolation."""
+"""One optimizer step without Ray: schedule (steps and time budget), non-finite stop, probe isolation."""
 
 import math
 
@@ -7,7 +7,9 @@ import torch
 
 from lejepa_platform.config import apply_overrides
 from lejepa_platform.defaults import default_run_config
-from lejepa_platform.train.step import NonFiniteLossError, Pretrainer, lr_factor, make_optimizer, train_step
+from lejepa_platform.train.loop import TrainingClock
+from lejepa_platform.train.step import (NonFiniteLossError, Pretrainer, lr_factor, make_optimizer, schedule_position,
+                                        train_step)
 
 pytestmark = pytest.mark.unit
 
@@ -16,7 +18,8 @@ def tiny():
     return apply_overrides(default_run_config(), [
         'model.backbone_kwargs={"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}',
         "model.proj_hidden_dim=32", "model.proj_dim=16", "loss.num_slices=32", "data.global_views=2",
-        "data.global_size=16", "data.batch_size=8", "train.steps=100", "train.warmup_frac=0.1"])
+        "data.global_size=16", "data.batch_size=8", "train.steps=100", "train.warmup_frac=0.1",
+        "train.time_budget_s=0"])
 
 
 def batch(cfg):
@@ -31,6 +34,35 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_a_thousandth():
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(55, cfg) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(100, cfg) == pytest.approx(1e-3)
+    assert lr_factor(4.5, cfg) == pytest.approx(0.55)  # positions between steps (time budget)
+
+
+def test_without_a_time_budget_the_schedule_follows_the_steps_whatever_the_time():
+    cfg = tiny()
+    assert schedule_position(0, cfg, trained_s=1e6, step_s=1e3) == (0.0, False)
+    assert schedule_position(98, cfg, trained_s=1e6, step_s=1e3) == (98.0, False)
+    assert schedule_position(99, cfg, trained_s=0.0, step_s=0.0) == (99.0, True)
+
+
+def test_a_time_budget_moves_the_schedule_by_whichever_is_further_along_and_ends_it_on_time():
+    cfg = apply_overrides(tiny(), ["train.time_budget_s=60"])
+    # Time behind the steps: the step decides. Ahead: 99 x 30/60 = 49.5 of the 99 positions.
+    assert schedule_position(60, cfg, trained_s=30.0, step_s=0.5) == (60.0, False)
+    assert schedule_position(20, cfg, trained_s=30.0, step_s=0.5) == (49.5, False)
+    # The step expected to end at or past the budget is the last, at the last position (lr / 1000).
+    assert schedule_position(20, cfg, trained_s=59.5, step_s=0.5) == (99.0, True)
+    assert schedule_position(20, cfg, trained_s=59.4, step_s=0.5) == (pytest.approx(99 * 59.4 / 60), False)
+    assert lr_factor(schedule_position(20, cfg, trained_s=59.5, step_s=0.5)[0], cfg) == lr_factor(99, cfg)
+    # Still never more than train.steps steps.
+    assert schedule_position(99, cfg, trained_s=1.0, step_s=0.1) == (99.0, True)
+
+
+def test_training_clock_carries_the_time_of_earlier_attempts_and_averages_step_time():
+    clock = TrainingClock(100.0, agree_across_ranks=False, device=torch.device("cpu"))
+    trained, step_s = clock.tick()
+    assert 100.0 <= trained < 101.0 and step_s == 0.0  # no step timed yet
+    trained_next, step_s = clock.tick()
+    assert trained_next >= trained and 0.0 < step_s == pytest.approx(trained_next - trained, abs=1e-3)
 
 
 def test_non_finite_loss_stops_before_the_update_and_names_step_and_terms():

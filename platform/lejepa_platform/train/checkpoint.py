@@ -1,7 +1,7 @@
 """Checkpoint files: everything a run needs to continue exactly, loadable with weights_only=True.
 
-A checkpoint directory holds `state.pt` (model + probe, optimizer, step, epoch position, RNG,
-metric rows not yet in MLflow) and `config.json` (the resolved RunConfig). `state.pt` is written
+A checkpoint directory holds `state.pt` (model + probe, optimizer, step, RNG, training time, whether
+the schedule has ended, metric rows not yet in MLflow) and `config.json` (the resolved RunConfig). `state.pt` is written
 under a temporary name and renamed, so a crash never leaves a file that looks complete; Ray Train
 then copies the directory into storage only after it is whole.
 """
@@ -33,6 +33,10 @@ class TrainState:
     rng: dict[str, torch.Tensor]
     pending_metrics: list[dict[str, float]] = field(default_factory=list)
     """Metric rows logged since the previous checkpoint; replayed into MLflow on restore if missing."""
+    train_seconds: float = 0.0
+    """Training time so far (what train.time_budget_s counts)."""
+    finished: bool = False
+    """The run's last step is done (all train.steps, or the time budget ran out)."""
 
 
 def save_checkpoint(directory: str | os.PathLike, state: TrainState, cfg: RunConfig) -> Path:
@@ -45,6 +49,8 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, cfg: RunCon
         "step": state.step,
         "rng": state.rng,
         "pending_metrics": state.pending_metrics,
+        "train_seconds": state.train_seconds,
+        "finished": state.finished,
     }
     _atomic_write(path / STATE_FILE, lambda f: torch.save(payload, f))
     _atomic_write(path / CONFIG_FILE, lambda f: f.write(json.dumps(to_dict(cfg), indent=2).encode()))
@@ -60,7 +66,9 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     payload = torch.load(state_file, map_location=map_location, weights_only=True)
     cfg = from_dict(RunConfig, json.loads(config_file.read_text()))
     state = TrainState(model=payload["model"], optimizer=payload["optimizer"], step=int(payload["step"]),
-                       rng=payload["rng"], pending_metrics=list(payload.get("pending_metrics", [])))
+                       rng=payload["rng"], pending_metrics=list(payload.get("pending_metrics", [])),
+                       train_seconds=float(payload.get("train_seconds", 0.0)),
+                       finished=bool(payload.get("finished", False)))
     return state, cfg
 
 

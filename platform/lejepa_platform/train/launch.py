@@ -156,7 +156,7 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     )
     started = time.monotonic()
     try:
-        with ProgressPrinter(board, cfg.train.steps, enabled=not quiet):
+        with ProgressPrinter(board, cfg.train.steps, time_budget_s=cfg.train.time_budget_s, enabled=not quiet):
             result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         tracker.finish("FAILED")
@@ -167,14 +167,14 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
               + (f" --set train.storage_path={storage}" if cfg.train.storage_path != TrainConfig.storage_path else ""),
               file=sys.stderr)
         raise
-    data_summary = data_stats.log_summary()
-    tracker.log_metrics({"data/records_read": data_summary["records"], "data/records_skipped": data_summary["skipped"]},
-                        step=cfg.train.steps)
     if result.checkpoint is None:
         tracker.finish("FAILED")
         raise RunFailed(f"{name}: training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         summary = finalize_run(cfg, tracker, Path(directory), quiet=quiet)
+    data_summary = data_stats.log_summary()
+    tracker.log_metrics({"data/records_read": data_summary["records"], "data/records_skipped": data_summary["skipped"]},
+                        step=summary["steps"])
     tracker.finish("FINISHED")
     summary.update({"data": {"records_read": data_summary["records"], "skipped": data_summary["reasons"]},
                     "name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,

@@ -8,6 +8,10 @@ Exactly-once metrics across restarts: rows are kept in `pending` and written to 
 the checkpoint that covers them has been reported; the rows also travel inside that checkpoint.
 After a restart, rank 0 writes the checkpoint's rows that MLflow does not have yet, recomputes the
 steps after the checkpoint, and never writes a step MLflow already holds.
+
+The run's length: exactly train.steps optimizer steps, or, under train.time_budget_s, fewer when
+the budget runs out first (`step.schedule_position` decides; the training time so far travels in
+each checkpoint, so restarts and `--resume` spend the same budget).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from lejepa_platform.config import RunConfig, from_dict, per_worker_batch_size, 
 from lejepa_platform.eval.geometry import CollapseAlarm
 from lejepa_platform.tracking import MLflowTracker, NullTracker, Tracker
 from lejepa_platform.train.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from lejepa_platform.train.step import Pretrainer, make_optimizer, train_step
+from lejepa_platform.train.step import Pretrainer, make_optimizer, schedule_position, train_step
 
 LOSS_KEY = "loss/total"
 COLLAPSE_SIGREG_PER_IMAGE = 0.1
@@ -49,7 +53,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(Pretrainer(cfg, loop_config["num_classes"], device=device))
     bare = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(bare, cfg)
-    step = 0
+    step, trained_before, finished = 0, 0.0, False
     tracker: Tracker = (MLflowTracker.start(loop_config["tracking_uri"], cfg.track.experiment,
                                             run_id=loop_config["mlflow_run_id"])
                         if rank == 0 and loop_config.get("mlflow_run_id") else NullTracker())
@@ -60,7 +64,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         bare.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
-        step = state.step
+        step, trained_before, finished = state.step, state.train_seconds, state.finished
     # Exactly once: a step MLflow already has is never written again. That covers rows logged
     # after a checkpoint was reported but before Ray Train registered it (the run then resumes
     # from an earlier checkpoint and recomputes them) and the checkpoint's own rows replayed here.
@@ -72,15 +76,20 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     alarm = CollapseAlarm(bare.encoder.embed_dim, sigreg_max=COLLAPSE_SIGREG_PER_IMAGE * cfg.data.batch_size)
     shard = ray.train.get_dataset_shard("train")
     pending: list[dict[str, float]] = []
+    clock = TrainingClock(trained_before, agree_across_ranks=cfg.train.time_budget_s > 0 and world > 1, device=device)
     window_start, window_steps = time.perf_counter(), 0
-    while step < cfg.train.steps:
+    finished = finished or step >= cfg.train.steps
+    while not finished:
         batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
                                            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
         consumed = 0
         for batch in batches:
             consumed += 1
-            logging_step = _is_logged(step + 1, cfg)
-            metrics = train_step(model, optimizer, batch, cfg=cfg, step=step, device=device, diagnostics=logging_step)
+            trained_s, step_s = clock.tick()
+            position, finished = schedule_position(step, cfg, trained_s, step_s)
+            logging_step = finished or _is_logged(step + 1, cfg)
+            metrics = train_step(model, optimizer, batch, cfg=cfg, step=step, device=device, diagnostics=logging_step,
+                                 position=position)
             step += 1
             window_steps += 1
             if not logging_step:
@@ -88,21 +97,57 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window_start
             row = _mean_over_ranks(metrics, world)
             row["throughput/images_per_s"] = window_steps * per_worker * world / max(elapsed, 1e-9)
+            row["train/seconds"] = clock.seconds()
             row["step"] = step
             pending.append(row)
             if step > warmup_steps(cfg):
                 _check_collapse(alarm, row, tracker)
             window_start, window_steps = time.perf_counter(), 0  # reporting time counts in the next window
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _report_with_checkpoint(row, bare, optimizer, step, pending, cfg, rank)
+            if step % cfg.train.checkpoint_every == 0 or finished:
+                snapshot = TrainState(model=bare.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                      rng=capture_rng(), pending_metrics=list(pending), train_seconds=clock.seconds(),
+                                      finished=finished)
+                _report_with_checkpoint(row, snapshot, cfg, rank)
                 last_logged = _log_new_rows(tracker, pending, last_logged)
                 pending = []
             else:
                 ray.train.report(row)
-            if step >= cfg.train.steps:
+            if finished:
                 break
         if consumed == 0:
             raise RuntimeError(f"the training data stream ended at step {step} of {cfg.train.steps}")
+
+
+class TrainingClock:
+    """What train.time_budget_s counts: this loop's wall time from its first batch plus what earlier
+    attempts spent (from the checkpoint), and a running mean of the time per step. With several
+    ranks under a budget, both are the maximum over ranks, so every rank takes the same last step."""
+
+    def __init__(self, before_s: float, *, agree_across_ranks: bool, device: torch.device) -> None:
+        self._before_s = before_s
+        self._agree, self._device = agree_across_ranks, device
+        self._origin: float | None = None  # set by the first tick: waiting for the data to start is start-up
+        self._last_tick = 0.0
+        self._step_s = 0.0
+
+    def seconds(self) -> float:
+        return self._before_s if self._origin is None else time.perf_counter() - self._origin
+
+    def tick(self) -> tuple[float, float]:
+        """Called as each step starts: (training seconds so far, mean seconds per step)."""
+        now = time.perf_counter()
+        if self._origin is None:
+            self._origin = now - self._before_s
+        else:
+            took = now - self._last_tick
+            self._step_s = took if self._step_s == 0.0 else 0.9 * self._step_s + 0.1 * took
+        self._last_tick = now
+        values = [now - self._origin, self._step_s]
+        if self._agree:
+            agreed = torch.tensor(values, dtype=torch.float64, device=self._device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+            values = agreed.tolist()
+        return values[0], values[1]
 
 
 def _is_logged(step: int, cfg: RunConfig) -> bool:
@@ -118,15 +163,12 @@ def _check_collapse(alarm: CollapseAlarm, row: dict[str, float], tracker: Tracke
         tracker.set_tags({"lejepa.collapse_alarm": message})
 
 
-def _report_with_checkpoint(row: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                            step: int, pending: list[dict[str, float]], cfg: RunConfig, rank: int) -> None:
+def _report_with_checkpoint(row: dict[str, float], state: TrainState, cfg: RunConfig, rank: int) -> None:
     """Every rank reports; rank 0 attaches the checkpoint (Ray persists it before returning)."""
     if rank != 0:
         ray.train.report(row)
         return
     with tempfile.TemporaryDirectory(prefix="lejepa-ckpt-") as tmp:
-        state = TrainState(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                           rng=capture_rng(), pending_metrics=list(pending))
         save_checkpoint(tmp, state, cfg)
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

@@ -2,7 +2,7 @@
 
 Ray Train V2 calls user callbacks on its controller actor, not on the driver, so the callback
 posts the latest rank-0 metrics to a tiny actor and a driver thread polls it and redraws one
-line on stderr: step/total, loss, images/s, ETA.
+line on stderr: step/total, loss, images/s, ETA (the sooner of the steps' and the time budget's end).
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def format_line(row: dict[str, Any], total_steps: int, eta_s: float | None) -> s
 class ProgressPrinter:
     """Background thread redrawing the progress line until stopped."""
 
-    def __init__(self, board: "ray.actor.ActorHandle", total_steps: int, interval_s: float = 1.0,
-                 enabled: bool = True) -> None:
-        self.board, self.total = board, total_steps
+    def __init__(self, board: "ray.actor.ActorHandle", total_steps: int, *, time_budget_s: float = 0.0,
+                 interval_s: float = 1.0, enabled: bool = True) -> None:
+        self.board, self.total, self.budget = board, total_steps, time_budget_s
         self.interval_s, self.enabled = interval_s, enabled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -91,6 +91,9 @@ class ProgressPrinter:
             t_first, step_first = self._first
             done = step - step_first
             eta = (time.monotonic() - t_first) / done * (self.total - step) if done > 0 else None
+            if self.budget > 0 and "train/seconds" in row:  # the budget may end the run first
+                left = max(self.budget - row["train/seconds"], 0.0)
+                eta = left if eta is None else min(eta, left)
             sys.stderr.write("\r" + format_line(row, self.total, eta).ljust(100))
             sys.stderr.flush()
             self._printed = True

@@ -58,15 +58,36 @@ def make_optimizer(model: Pretrainer, cfg: RunConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups)
 
 
-def lr_factor(step: int, cfg: RunConfig) -> float:
-    """Linear warmup to 1, then cosine down to 1/1000 at the last step (a pure function of step)."""
+def lr_factor(position: float, cfg: RunConfig) -> float:
+    """Linear warmup to 1, then cosine down to 1/1000 at the last step; `position` is the step on
+    that schedule (the optimizer step itself, or further along under a time budget)."""
     warm = warmup_steps(cfg)
-    if step < warm:
-        return (step + 1) / warm
+    if position < warm:
+        return (position + 1) / warm
     span = max(cfg.train.steps - warm, 1)
-    progress = min((step - warm) / span, 1.0)
+    progress = min((position - warm) / span, 1.0)
     floor = 1e-3
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_position(step: int, cfg: RunConfig, trained_s: float, step_s: float) -> tuple[float, bool]:
+    """(position on the schedule, whether it is the run's last step) for optimizer step `step`,
+    after `trained_s` seconds of training with recent steps taking `step_s` each.
+
+    Without a time budget the position is the step and the last step is `steps - 1`. With one, time
+    moves the position too: `trained_s / budget` of the way to the last step, so a slower machine
+    runs fewer steps through the same whole schedule; the step expected to end at or past the
+    budget is the last and gets the last step's learning rate.
+    """
+    last = cfg.train.steps - 1
+    if step >= last:
+        return float(last), True
+    budget = cfg.train.time_budget_s
+    if budget <= 0:
+        return float(step), False
+    if trained_s + step_s >= budget:
+        return float(last), True
+    return max(float(step), last * trained_s / budget), False
 
 
 def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
@@ -77,15 +98,17 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], *,
-               cfg: RunConfig, step: int, device: torch.device, diagnostics: bool = False) -> dict[str, torch.Tensor]:
+               cfg: RunConfig, step: int, device: torch.device, diagnostics: bool = False,
+               position: float | None = None) -> dict[str, torch.Tensor]:
     """Forward, LeJEPA loss (+ probe loss), backward and AdamW update for optimizer step `step`.
 
-    `model` is a `Pretrainer`, possibly DDP-wrapped. Raises NonFiniteLossError before updating
+    The learning rate is the schedule's at `position` (default: `step`; see `schedule_position`);
+    SIGReg's slice directions always follow `step`. `model` is a `Pretrainer`, possibly DDP-wrapped. Raises NonFiniteLossError before updating
     when the loss is not finite. Returns detached scalar tensors for logging; `diagnostics` adds
     the effective rank of the batch's embeddings (an SVD: only on logging steps).
     """
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+        group["lr"] = group["base_lr"] * lr_factor(step if position is None else position, cfg)
     global_views = normalize(batch["global"].to(device, non_blocking=True))
     local = batch.get("local")
     local_views = normalize(local.to(device, non_blocking=True)) if local is not None and local.shape[1] else None
