@@ -2,16 +2,24 @@
 single-process PyTorch loop doing identical work, in one run.
 
 Both sides train the embedded default's model with the same `train_step` on the same in-memory
-uint8 views (made once, so augmentation cost is out of the picture): the plain loop indexes a
-tensor, the Ray side runs one TorchTrainer worker that streams the same views from a materialised
+uint8 views (made from a seed, so augmentation cost is out of the picture): the plain loop indexes
+a tensor, the Ray side runs one TorchTrainer worker that streams the same views from a materialised
 Ray Dataset through `iter_torch_batches` and reports metrics like a real run. Warm-up steps are
-excluded; the ratio ray / plain is what Ray Train costs per step. The plain loop runs before and
-after the Ray side and the ratio uses their mean: on a 2-core VM one plain run alone varied by
-about 15 % between invocations (474 to 557 img/s), which swung the ratio from 0.81 to 0.96.
+excluded; the ratio ray / plain is what Ray Train costs per step.
+
+The plain loop runs in a fresh process with the job's environment variables (`ray_env.job_env_vars`)
+and so at the same niceness as the Ray worker: libgomp reads GOMP_SPINCOUNT once, when it loads,
+and its value changes this loop's speed by several percent on its own, which a driver-side plain
+loop (libgomp's default) wrongly counted against Ray. Both sides report their settings. It runs before and after the Ray side and the ratio uses their
+mean: on a 2-core VM one plain run alone varied by about 15 % between invocations (474 to 557 img/s).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -21,7 +29,7 @@ import torch
 
 from lejepa_platform.config import RunConfig, from_dict, set_values, to_dict
 from lejepa_platform.defaults import default_run_config
-from lejepa_platform.ray_env import init_ray
+from lejepa_platform.ray_env import JOB_ENV_VARS, init_ray, job_env_vars
 
 WARMUP = 5
 
@@ -61,7 +69,40 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     batches = shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True)
     rate = _timed_loop(cfg, batches, loop_config["threads"])
     with tempfile.TemporaryDirectory() as tmp:  # Result.metrics only holds metrics reported with a checkpoint
-        ray.train.report({"images_per_s": rate}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report({"images_per_s": rate, "process_settings": _process_settings()},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _process_settings() -> dict[str, Any]:
+    """This process's niceness and values of the job's environment variables (both sides report theirs)."""
+    return {"niceness": os.nice(0), **{key: os.environ.get(key) for key in JOB_ENV_VARS}}
+
+
+def _plain_loop(run: dict[str, Any], steps: int, threads: int) -> tuple[float, dict[str, Any]]:
+    """(images/s, process settings) of the plain loop over the bench's views (`run`: the RunConfig as a dict)."""
+    cfg = from_dict(RunConfig, run)
+    views = torch.from_numpy(_views(cfg, steps))
+    batch = cfg.data.batch_size
+    rate = _timed_loop(cfg, ({"global": views[i * batch:(i + 1) * batch]} for i in range(steps)), threads)
+    return rate, _process_settings()
+
+
+def _plain_in_job_env(cfg: RunConfig, steps: int, threads: int) -> tuple[float, dict[str, Any]]:
+    """`_plain_loop` in a fresh Python process started with the job's environment variables (a
+    subprocess rather than multiprocessing, which would re-import the caller's main module)."""
+    request = json.dumps({"run": to_dict(cfg), "steps": steps, "threads": threads})
+    done = subprocess.run([sys.executable, "-c", "from lejepa_platform.bench.step import _plain_main; _plain_main()"],
+                          input=request, capture_output=True, text=True, env={**os.environ, **job_env_vars()})
+    if done.returncode != 0:
+        raise RuntimeError(f"the plain loop failed:\n{done.stderr.strip()}")
+    rate, settings = json.loads(done.stdout.strip().splitlines()[-1])
+    return rate, settings
+
+
+def _plain_main() -> None:
+    """Entry point of the plain loop's process: a JSON request on stdin, [images/s, settings] on stdout."""
+    request = json.loads(sys.stdin.read())
+    print(json.dumps(_plain_loop(request["run"], request["steps"], request["threads"])))
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -72,33 +113,28 @@ def run(quick: bool = False) -> dict[str, Any]:
     cfg = set_values(default_run_config(), {"train.probe": False})
     steps = 12 if quick else 40
     threads = cfg.train.torch_threads or 1
-    views = _views(cfg, steps)
-    tensor = torch.from_numpy(views)
     batch = cfg.data.batch_size
 
-    def plain_loop() -> float:
-        return _timed_loop(cfg, ({"global": tensor[i * batch:(i + 1) * batch]} for i in range(steps)), threads)
-
-    plain_before = plain_loop()
-
+    plain_before, plain_settings = _plain_in_job_env(cfg, steps, threads)
     started_here = not ray.is_initialized()
     if started_here:
         init_ray(include_dashboard=False)
     try:
-        dataset = ray.data.from_numpy(views).rename_columns({"data": "global"}).materialize()
-        with_ray = TorchTrainer(
+        dataset = ray.data.from_numpy(_views(cfg, steps)).rename_columns({"data": "global"}).materialize()
+        ray_side = TorchTrainer(
             _ray_worker, train_loop_config={"run": to_dict(cfg), "threads": threads},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-            datasets={"train": dataset}).fit().metrics["images_per_s"]
+            datasets={"train": dataset}).fit().metrics
     finally:
         if started_here:
             ray.shutdown()
-    plain_after = plain_loop()
-    plain = (plain_before + plain_after) / 2
+    plain_after, _ = _plain_in_job_env(cfg, steps, threads)
+    plain, with_ray = (plain_before + plain_after) / 2, ray_side["images_per_s"]
     return {
         "bench": "step",
         "workload": {"backbone": cfg.model.backbone, "batch_size": batch, "views": f"{cfg.data.global_views} x {cfg.data.global_size}px",
                      "measured_steps": steps - WARMUP, "torch_threads": threads},
+        "process_settings": {"plain": plain_settings, "ray_train": ray_side["process_settings"]},
         "plain_images_per_s": round(plain, 1),
         "plain_runs_images_per_s": [round(plain_before, 1), round(plain_after, 1)],
         "ray_train_images_per_s": round(with_ray, 1),
