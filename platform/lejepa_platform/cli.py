@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
 
     p = command("bench", _bench, "benchmarks against a baseline, printed as ratios")
-    p.add_argument("which", choices=("sigreg", "data", "step"))
+    p.add_argument("which", choices=("sigreg", "data", "step", "mfu"))
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
 
     p = command("eval", _eval, "kNN / linear / few-shot evaluation of a frozen backbone")
