@@ -14,17 +14,14 @@ spinning threads keep the cores the view tasks need: with one core busy elsewher
 step (2 threads) took 0.78 s instead of 0.26 s; spinning 1,000 times it took 0.53 s. End to
 end, `lejepa pretrain --set eval.enabled=false` ran 228 s with it and 244 s with libgomp's
 default (GOMP_SPINCOUNT=300000 exported, which wins over this one as any user's value does).
-The price shows where nothing else runs: `lejepa bench step` (no data tasks alongside) gets a
-Ray/plain ratio of 0.81-0.89 with it and 0.90-0.995 with GOMP_SPINCOUNT=300000 (measured with
-the plain loop in the driver, whose libgomp spun 300,000; since the bench runs it in a process with
-this same environment, the spin setting is no longer in the ratio).
+Where nothing else runs it may cost a few percent; on a 2-core VM that is within run-to-run noise.
 
 Ray starts every worker process at niceness 15 (its `worker_niceness`) so that the driver and its
 own daemons win the CPU. On a machine with a core or two, the trainer is then preempted by every
 wake-up of the raylet, GCS, dashboard agent and driver. The job runs its workers at niceness 0
-(`RAY_worker_niceness`, read by each worker at start): `lejepa bench step`, alternating, Ray side
-421 img/s (6 runs, ratio 0.79-0.93, mean 0.865) at 15 and 447 img/s (5 runs, 0.85-0.94, mean 0.90)
-at 0. Trainer and Ray Data tasks keep equal priority between themselves either way.
+(`RAY_worker_niceness`, read by each worker at start): `lejepa bench step`, Ray side / plain
+loop, median 0.85 over 6 runs at 15 and 0.93 over 8 runs at 0. Trainer and Ray Data tasks keep
+equal priority between themselves either way.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ Ray Dataset through `iter_torch_batches` and reports metrics like a real run. Wa
 excluded; the ratio ray / plain is what Ray Train costs per step.
 
 The plain loop runs in a fresh process with the job's environment variables (`ray_env.job_env_vars`)
-and so at the same niceness as the Ray worker: libgomp reads GOMP_SPINCOUNT once, when it loads,
-and its value changes this loop's speed by several percent on its own, which a driver-side plain
-loop (libgomp's default) wrongly counted against Ray. Both sides report their settings. It runs before and after the Ray side and the ratio uses their
-mean: on a 2-core VM one plain run alone varied by about 15 % between invocations (474 to 557 img/s).
+and so at the same niceness as the Ray worker: libgomp reads GOMP_SPINCOUNT once, when it loads, and
+a driver-side plain loop (libgomp's default spin, the driver's niceness) differed from the worker in
+both. Both sides report these settings. The plain loop runs before and after the Ray side and the
+ratio uses their mean: on a 2-core VM one plain run alone varied from 419 to 547 img/s between
+invocations.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Checkpoint files: everything a run needs to continue exactly, loadable with weights_only=True.
 
-A checkpoint directory holds `state.pt` (model + probe, optimizer, step, RNG, training time, whether
-the schedule has ended, metric rows not yet in MLflow) and `config.json` (the resolved RunConfig). `state.pt` is written
-under a temporary name and renamed, so a crash never leaves a file that looks complete; Ray Train
-then copies the directory into storage only after it is whole.
+A checkpoint directory holds `state.pt` (model + probe, optimizer, step, RNG, training time,
+whether the run has ended, metric rows not yet in MLflow) and `config.json` (the resolved
+RunConfig). `state.pt` is written under a temporary name and renamed, so a crash never leaves a
+file that looks complete; Ray Train then copies the directory into storage only after it is whole.
 """
 
 from __future__ import annotations

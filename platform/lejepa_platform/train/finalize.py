@@ -51,9 +51,9 @@ def finalize_run(cfg: RunConfig, tracker: Tracker, checkpoint_dir: Path, *, quie
     params = sum(v.numel() for v in backbone_state(state.model).values())
     flops = training_flops_per_image(cfg) * state.step * cfg.data.batch_size
     tracker.log_metrics({"model/params": float(params), "compute/flops": flops}, step=state.step)
-    summary: dict[str, Any] = {"steps": state.step, "stopped_by": "steps" if state.step >= cfg.train.steps else "time budget",
-                               "train_seconds": round(state.train_seconds, 1), "backbone_params": params,
-                               "compute_flops": flops}
+    stopped_by = "steps" if state.step >= cfg.train.steps else "time budget"
+    summary: dict[str, Any] = {"steps": state.step, "stopped_by": stopped_by, "train_seconds": round(state.train_seconds, 1),
+                               "backbone_params": params, "compute_flops": flops}
 
     history = {key: tracker.history(key) for key in CURVE_KEYS}
     final = {key: points[-1][1] for key, points in history.items() if points}

@@ -103,9 +103,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     """Forward, LeJEPA loss (+ probe loss), backward and AdamW update for optimizer step `step`.
 
     The learning rate is the schedule's at `position` (default: `step`; see `schedule_position`);
-    SIGReg's slice directions always follow `step`. `model` is a `Pretrainer`, possibly DDP-wrapped. Raises NonFiniteLossError before updating
-    when the loss is not finite. Returns detached scalar tensors for logging; `diagnostics` adds
-    the effective rank of the batch's embeddings (an SVD: only on logging steps).
+    SIGReg's slice directions always follow `step`. `model` is a `Pretrainer`, possibly DDP-wrapped.
+    Raises NonFiniteLossError before updating when the loss is not finite. Returns detached scalar
+    tensors for logging; `diagnostics` adds the effective rank of the batch's embeddings (an SVD:
+    only on logging steps).
     """
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step if position is None else position, cfg)
