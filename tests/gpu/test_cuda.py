@@ -35,3 +35,12 @@ def test_bf16_training_step_on_cuda_is_finite_and_sigreg_stays_float32():
              "label": torch.randint(0, 10, (32,))}
     metrics = train_step(model, optimizer, batch, cfg=cfg, step=0, device=device)
     assert torch.isfinite(metrics["loss/total"]) and metrics["loss/sigreg"].dtype == torch.float32
+
+
+def test_mfu_bench_runs_bf16_on_the_gpu_and_stays_below_the_peak():
+    from lejepa_platform.bench.mfu import run
+
+    result = run(quick=True)
+    assert result["precision"] == "bf16" and result["images_per_s"] > 0
+    if result["peak_bf16_tflops"] is not None:
+        assert 0 < result["mfu"] < 1
