@@ -12,16 +12,15 @@ runs the same code in float32 on the CPU with a small batch (a smoke run, no MFU
 
 from __future__ import annotations
 
-import time
+import itertools
 from typing import Any
 
 import torch
 
+from lejepa_platform.bench.step import WARMUP, timed_train_steps
 from lejepa_platform.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
 from lejepa_platform.train.finalize import training_flops_per_image
-from lejepa_platform.train.step import Pretrainer, make_optimizer, train_step
 
-WARMUP = 5
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 """Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts for H100/H200), matched by
 substring of the device name; a PCIe H100 (756) reads as SXM, so its MFU would come out low."""
@@ -55,22 +54,6 @@ def _batch(cfg: RunConfig, device: torch.device) -> dict[str, torch.Tensor]:
     return {"global": views(d.global_views, d.global_size), "local": views(d.local_views, d.local_size)}
 
 
-def _seconds_per_step(cfg: RunConfig, device: torch.device, steps: int) -> float:
-    torch.manual_seed(0)
-    model = Pretrainer(cfg, num_classes=0, device=device).to(device)
-    optimizer = make_optimizer(model, cfg)
-    batch = _batch(cfg, device)
-    for step in range(WARMUP + steps):
-        if step == WARMUP:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-        train_step(model, optimizer, batch, cfg=cfg, step=step, device=device)  # syncs: checks the loss is finite
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
-
-
 def run(quick: bool = False) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -79,8 +62,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         batch_size, steps = (2, 1) if quick else (8, 3)
     cfg = workload(batch_size, device)
     flops = training_flops_per_image(cfg)
-    step_s = _seconds_per_step(cfg, device, steps)
-    images_per_s = batch_size / step_s
+    images_per_s = timed_train_steps(cfg, itertools.repeat(_batch(cfg, device), WARMUP + steps), device=device)
+    step_s = batch_size / images_per_s
     achieved = images_per_s * flops / 1e12
     peak = peak_tflops(device)
     return {

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -42,14 +43,15 @@ def _views(cfg: RunConfig, batches: int, seed: int = 0) -> np.ndarray:
                         dtype=np.uint8)
 
 
-def _timed_loop(cfg: RunConfig, batches, threads: int) -> float:
-    """Images/s of train_step over `batches` (an iterable of dicts), after WARMUP steps."""
+def timed_train_steps(cfg: RunConfig, batches: Iterable[dict[str, torch.Tensor]], *,
+                      device: torch.device = torch.device("cpu")) -> float:
+    """Images/s of `train_step` on a fresh `Pretrainer` over `batches`, after WARMUP steps (the
+    loop both `bench step` sides and `bench mfu` time). Each step's loss is read, which waits for
+    the device; the clock stops only once the device is done."""
     from lejepa_platform.train.step import Pretrainer, make_optimizer, train_step
 
-    torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
-    device = torch.device("cpu")
-    model = Pretrainer(cfg, num_classes=0, device=device)
+    model = Pretrainer(cfg, num_classes=0, device=device).to(device)
     optimizer = make_optimizer(model, cfg)
     start, images = None, 0
     for step, batch in enumerate(batches):
@@ -59,6 +61,8 @@ def _timed_loop(cfg: RunConfig, batches, threads: int) -> float:
         float(metrics["loss/total"])
         if start is not None:
             images += batch["global"].shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return images / (time.perf_counter() - start)
 
 
@@ -68,7 +72,8 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(RunConfig, loop_config["run"])
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True)
-    rate = _timed_loop(cfg, batches, loop_config["threads"])
+    torch.set_num_threads(loop_config["threads"])
+    rate = timed_train_steps(cfg, batches)
     with tempfile.TemporaryDirectory() as tmp:  # Result.metrics only holds metrics reported with a checkpoint
         ray.train.report({"images_per_s": rate, "process_settings": _process_settings()},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -84,7 +89,8 @@ def _plain_loop(run: dict[str, Any], steps: int, threads: int) -> tuple[float, d
     cfg = from_dict(RunConfig, run)
     views = torch.from_numpy(_views(cfg, steps))
     batch = cfg.data.batch_size
-    rate = _timed_loop(cfg, ({"global": views[i * batch:(i + 1) * batch]} for i in range(steps)), threads)
+    torch.set_num_threads(threads)
+    rate = timed_train_steps(cfg, ({"global": views[i * batch:(i + 1) * batch]} for i in range(steps)))
     return rate, _process_settings()
 
 
