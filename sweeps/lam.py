@@ -7,8 +7,9 @@ own scale, so losses of different lam values are not comparable (they are across
     lejepa sweep sweeps/lam.py
 """
 
-from lejepa_platform.config import SweepConfig, set_values
+from lejepa_platform.config import SweepConfig
 from lejepa_platform.defaults import default_run_config
+from lejepa_platform.overrides import set_values
 
 
 def config() -> SweepConfig:

@@ -9,7 +9,8 @@ Data fraction is a choice of shard directories built at 10 %, 30 % and 100 % of 
 
 import pathlib
 
-from lejepa_platform.config import RunConfig, SweepConfig, set_values
+from lejepa_platform.config import RunConfig, SweepConfig
+from lejepa_platform.overrides import set_values
 from lejepa_platform.recipes import load_recipe
 
 PAPER_RUN = pathlib.Path(__file__).resolve().parent.parent / "pipelines" / "in1k_vitl.py"

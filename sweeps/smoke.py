@@ -3,8 +3,9 @@
     lejepa sweep sweeps/smoke.py && lejepa analyze --experiment smoke
 """
 
-from lejepa_platform.config import SweepConfig, set_values
+from lejepa_platform.config import SweepConfig
 from lejepa_platform.defaults import default_run_config
+from lejepa_platform.overrides import set_values
 
 
 def config() -> SweepConfig:

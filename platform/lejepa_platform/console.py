@@ -1,4 +1,9 @@
-"""Human-facing progress messages: stderr, so stdout stays machine-readable with --json."""
+"""Human-facing messages: the one way the platform talks to a person, always on stderr so stdout
+stays machine-readable with --json.
+
+`say` is progress and honours the caller's quiet flag (--json, sweep trials); `warn` is something
+the person must see whatever the flag (a changed param on resume, skipped records).
+"""
 
 import sys
 
@@ -7,3 +12,8 @@ def say(quiet: bool, message: str) -> None:
     """Print `message` to stderr unless the caller runs quietly (--json, sweep trials)."""
     if not quiet:
         print(message, file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    """Print `message` to stderr as a warning, quiet or not."""
+    print(f"lejepa: WARNING: {message}", file=sys.stderr)

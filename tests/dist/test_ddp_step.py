@@ -8,7 +8,8 @@ import pytest
 import torch
 from gloo import run_in_gloo
 
-from lejepa_platform.config import RunConfig, apply_overrides, from_dict, to_dict
+from lejepa_platform.config import RunConfig, to_dict
+from lejepa_platform.overrides import apply_overrides, from_dict
 from lejepa_platform.defaults import default_run_config
 
 pytestmark = pytest.mark.dist

@@ -14,11 +14,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from clusters import local_cluster, mlflow_server, pretrain_on, run_on, watch_train_workers
-from lejepa_platform.tracking import find_run, list_artifacts
+from lejepa_platform.tracking import find_run
 from lejepa_platform.train.checkpoint import STATE_FILE, load_checkpoint
-from lejepa_platform.train.storage import read_run_record
+from lejepa_platform.run.storage import read_run_record
 from test_pretrain import tiny_config
 
 pytestmark = pytest.mark.e2e
@@ -80,7 +81,7 @@ def test_two_node_run_crashes_resumes_in_the_same_mlflow_run_and_checkpoints_rea
         checkpoints = sorted(str(p) for p in run_dir.glob("checkpoint_*") if p.is_dir())
         seen = run_on(cluster, _READ_ON_EVERY_NODE, checkpoints)
         run, after_resume = find_run(server.uri, run_id), logged(server.uri, run_id)
-        artifacts = list_artifacts(server.uri, run_id)
+        artifacts = {f.path for f in MlflowClient(server.uri).list_artifacts(run_id)}
 
     assert resumed["mlflow_run_id"] == run_id and resumed["steps"] == STEPS
     assert [load_checkpoint(d)[0].step for d in checkpoints] == [KILL_AT, STEPS]  # keep_checkpoints = 2
@@ -90,7 +91,7 @@ def test_two_node_run_crashes_resumes_in_the_same_mlflow_run_and_checkpoints_rea
     # The rows of steps 1..KILL_AT are the ones saved in the checkpoint: the resumed run did not redo them.
     state_at_kill = load_checkpoint(checkpoints[0])[0]
     assert after_resume[:KILL_AT] == [(int(r["step"]), r["loss/total"]) for r in state_at_kill.pending_metrics]
-    assert {"config.json", "loss_curve.png"} <= set(artifacts)
+    assert {"config.json", "loss_curve.png"} <= artifacts
     assert list((tmp_path / "mlflow" / "artifacts").rglob("loss_curve.png")), "artifacts bypassed the server"
 
     for watch in (first, second):  # 1-CPU nodes: the two workers of each run are on two nodes

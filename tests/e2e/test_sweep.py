@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
-from lejepa_platform.config import SweepConfig, apply_overrides
+from lejepa_platform.config import SweepConfig
+from lejepa_platform.overrides import apply_overrides
 from lejepa_platform.errors import UserError
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.sweep.tune import sweep
-from lejepa_platform.tracking import SWEEP_TAG, list_artifacts, search_runs
+from lejepa_platform.tracking import SWEEP_TAG, search_runs
 
 pytestmark = pytest.mark.e2e
 
@@ -42,9 +44,10 @@ def test_smoke_sweep_leaves_four_child_runs_under_a_parent_with_the_analysis(ray
     combos = {(c["params"]["model.backbone"], c["params"]["loss.num_slices"]) for c in children}
     assert combos == {(b, s) for b in ("vit_tiny_patch16_224", "vit_small_patch16_224") for s in ("64", "256")}
     assert all(c["metrics"]["model/params"] > 0 for c in children)
-    assert "analysis" in list_artifacts(uri, summary["parent_run_id"])
-    assert {"report.md", "analysis.json"} <= {Path(p).name for p in
-                                              list_artifacts(uri, summary["parent_run_id"], "analysis")}
+    client = MlflowClient(uri)
+    assert "analysis" in {f.path for f in client.list_artifacts(summary["parent_run_id"])}
+    assert {"report.md", "analysis.json"} <= {Path(f.path).name for f in
+                                              client.list_artifacts(summary["parent_run_id"], "analysis")}
 
 
 def test_asha_stops_the_trial_built_to_lose(ray_cluster, tmp_path):

@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 
-from lejepa_platform.config import (ConfigError, DataConfig, LossConfig, RunConfig, apply_overrides, flatten,
-                                    from_dict, per_worker_batch_size, to_dict, warmup_steps)
+from lejepa_platform.config import (ConfigError, DataConfig, LossConfig, RunConfig, flatten, per_worker_batch_size,
+                                    to_dict, warmup_steps)
 from lejepa_platform.defaults import default_run_config
+from lejepa_platform.overrides import apply_overrides, from_dict
 from lejepa_platform.recipes import load_recipe
 
 pytestmark = pytest.mark.unit

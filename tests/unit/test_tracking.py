@@ -204,14 +204,14 @@ def test_attaching_artifacts_leaves_the_run_status_alone(store, tmp_path):
     assert pathlib.Path(got).read_text() == "# report"
 
 
-def test_context_manager_marks_failures(store):
+def test_finish_records_the_status_and_refuses_unknown_ones(store):
     uri, _ = store
-    with pytest.raises(RuntimeError):
-        with MLflowTracker.start(uri, "unit") as run:
-            raise RuntimeError("worker died")
-    assert tracking.find_run(uri, run.run_id)["status"] == "FAILED"
-    with MLflowTracker.start(uri, "unit") as ok:
-        ok.log_metrics({"x": 1.0}, step=0)
+    failed = MLflowTracker.start(uri, "unit")
+    failed.finish("FAILED")
+    assert tracking.find_run(uri, failed.run_id)["status"] == "FAILED"
+    ok = MLflowTracker.start(uri, "unit")
+    ok.log_metrics({"x": 1.0}, step=0)
+    ok.finish()
     assert tracking.find_run(uri, ok.run_id)["status"] == "FINISHED"
     with pytest.raises(UserError, match="must be one of"):
         ok.finish("DONE")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lejepa_platform.config import apply_overrides
+from lejepa_platform.overrides import apply_overrides
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.train.loop import TrainingClock
 from lejepa_platform.train.step import (NonFiniteLossError, Pretrainer, lr_factor, make_optimizer, schedule_position,

@@ -19,7 +19,7 @@ import torch
 
 from lejepa_platform.bench.step import WARMUP, timed_train_steps
 from lejepa_platform.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
-from lejepa_platform.train.finalize import training_flops_per_image
+from lejepa_platform.model.flops import training_flops_per_image
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 """Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts for H100/H200), matched by

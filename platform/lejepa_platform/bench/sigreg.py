@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from lejepa_platform.console import say
 from lejepa_platform.distributed import all_reduce_mean, world_size
 from lejepa_platform.loss.sigreg import quadrature, sigreg, slice_directions
 
@@ -67,7 +68,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     rows, peak_reset = [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for n, m in sizes:
-            print(f"bench sigreg: N={n} M={m}", file=sys.stderr, flush=True)
+            say(False, f"bench sigreg: N={n} M={m}")
             mem = {name: _in_subprocess(name, n, m, threads, os.path.join(tmp, f"{name}.pt")) for name in VARIANTS}
             peak_reset.update(r["peak_reset"] for r in mem.values())
             times = _interleaved_times(*_inputs(n, m), repeats)

@@ -3,8 +3,7 @@
 Features are standardised with the training set's statistics, then one Linear layer is trained
 with AdamW (weight decay 1e-6), linear warmup then cosine decay to lr / 1000 (the pretraining
 schedule's shape). The learning rate is chosen per feature set: one fixed rate under-trains some
-features and suits others (measured on the embedded dataset: a 96-dim ViT embedding gained 6
-points going from 1e-3 to 3e-2, raw pixels lost 4), which would bias every comparison. Each rate
+features and suits others (docs/performance.md), which would bias every comparison. Each rate
 of a grid trains on 90 % of the training rows and is scored on the other 10 %; the best one is
 retrained on all of them and scored on the test set. The grid trains as one batched model (one
 weight matrix per rate, updated independently), one pass for the whole grid. Weights start at
@@ -21,11 +20,11 @@ from collections.abc import Sequence
 import torch
 
 from lejepa_platform.eval.checks import check_labelled_split, num_classes_of
+from lejepa_platform.schedule import warmup_cosine
 
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 """The grid searched by default (a tie goes to the earlier rate: the smaller one here). Wide on
-purpose: on the embedded dataset raw pixels (3,072 dims) do best at 1e-4 to 3e-4 and random-init
-ViT features at 3e-1; a grid ending at 1e-3 cost raw pixels about a point."""
+purpose: raw pixels and random-init features want rates far apart (docs/performance.md)."""
 VALIDATION_FRACTION = 0.1
 """Share of the training rows held out to choose the learning rate."""
 WARMUP_FRACTION = 0.1
@@ -100,7 +99,7 @@ def _train(x: torch.Tensor, y: torch.Tensor, lrs: list[float], *, classes: int, 
             grad_logits = torch.softmax(logits, dim=2)
             grad_logits[torch.arange(rows.numel(), device=x.device), :, target] -= 1.0
             grad = (grad_logits.flatten(1).T @ batch).view_as(params) / rows.numel()
-            lr = rates * _schedule(step, warmup, total)
+            lr = rates * warmup_cosine(step, warmup, total)
             step += 1
             params.mul_(1.0 - lr * weight_decay)
             exp_avg.lerp_(grad, 1.0 - beta1)
@@ -116,11 +115,3 @@ def _accuracies(params: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: t
     with torch.no_grad():
         pred = (torch.einsum("ne,rce->rnc", x, weight) + bias[:, None]).argmax(dim=2)
     return (pred == y).sum(dim=1).cpu().double() / y.numel()
-
-
-def _schedule(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine to 1/1000 at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 1e-3 + (1.0 - 1e-3) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,26 +1,25 @@
-"""Sweep analysis: trials from MLflow -> table -> power-law fits, Spearman, plots, markdown report.
+"""Sweep report: trials from MLflow -> table -> power-law fits, Spearman, plots, markdown report.
 
-The maths (`fit_power_law`, `spearman`) is plain numpy so it is testable against closed forms and
-runs without scipy. Runs are read through `tracking` (the only module that talks to MLflow).
+The maths lives in `sweep/fits.py` (pure functions of numbers); this module only gathers the
+points, draws and writes. Runs are read through `tracking` (the only package that talks to MLflow).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import pathlib
-import re
-import sys
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from lejepa_platform import tracking
+from lejepa_platform.console import say
 from lejepa_platform.errors import UserError
+from lejepa_platform.names import safe_name
 from lejepa_platform.redact import redact_uri
+from lejepa_platform.sweep.fits import B_MAX, B_MIN, SATURATING_MIN_X, PowerLawFit, finite_or_none, fit_power_law, spearman
 
 PARAMS_OF_INTEREST = ("model.backbone", "loss.num_slices", "loss.lam", "data.batch_size", "train.steps")
 """Always shown in the table; params that differ between trials are added after them."""
@@ -32,166 +31,6 @@ ACCURACY_PREFERENCE = ("eval/pretrained/linear", "eval/pretrained/knn_k20", "pro
 """Offline frozen-feature protocols first: the online probe trains alongside and is optimistic."""
 PARAMS_METRIC = "model/params"
 FLOPS_METRIC = "compute/flops"
-SATURATING_MIN_X = 4
-"""Distinct x values needed to fit a * x^-b + c (3 parameters plus at least one degree of freedom)."""
-_B_MAX = 5.0
-_B_MIN = _B_MAX / 500
-"""The exponent of the saturating law is searched in [_B_MIN, _B_MAX] (grid step _B_MIN)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Power-law fit.
-
-
-@dataclasses.dataclass(frozen=True)
-class PowerLawFit:
-    """y = a * x^(-b) + c with one-sigma standard errors; `kind` says which model was fitted.
-
-    kind "saturating": all three parameters, least squares on relative residuals (y - f) / y,
-    i.e. multiplicative noise, the usual case for losses and accuracies.
-    kind "pure": c fixed at 0 (c_err 0), least squares on log y against log x; used when fewer
-    than `SATURATING_MIN_X` distinct x values exist. Errors are NaN without a spare degree of freedom.
-    """
-
-    a: float
-    b: float
-    c: float
-    a_err: float
-    b_err: float
-    c_err: float
-    n_points: int
-    kind: str
-
-    def predict(self, x: Any) -> np.ndarray:
-        return self.a * np.power(np.asarray(x, dtype=float), -self.b) + self.c
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: non-finite numbers become None."""
-        return {k: _finite_or_none(v) for k, v in dataclasses.asdict(self).items()}
-
-
-def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLawFit:
-    """Fit y = a * x^(-b) + c (b in [0.01, 5]) or, with too few distinct x, the pure law y = a * x^(-b)."""
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if xs.shape != ys.shape or xs.ndim != 1:
-        raise UserError(f"power-law fit needs two 1-d sequences of equal length, got {xs.shape} and {ys.shape}")
-    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and np.all(xs > 0) and np.all(ys > 0)):
-        raise UserError("power-law fit needs finite, strictly positive x and y values")
-    distinct = np.unique(xs).size
-    if distinct < 2:
-        raise UserError(f"power-law fit needs at least 2 distinct x values, got {distinct}")
-    if distinct >= SATURATING_MIN_X:
-        return _fit_saturating(xs, ys)
-    return _fit_pure(xs, ys)
-
-
-def _fit_pure(x: np.ndarray, y: np.ndarray) -> PowerLawFit:
-    lx, ly = np.log(x), np.log(y)
-    center = lx.mean()
-    design = np.column_stack([np.ones_like(lx), -(lx - center)])
-    (alpha, b), *_ = np.linalg.lstsq(design, ly, rcond=None)
-    dof = x.size - 2
-    if dof > 0:
-        s2 = float(np.sum((ly - design @ np.array([alpha, b])) ** 2)) / dof
-        cov = s2 * np.linalg.inv(design.T @ design)
-    else:
-        cov = np.full((2, 2), np.nan)
-    # log a = alpha + b * center; delta method for a = exp(log a).
-    grad = np.array([1.0, center])
-    log_a_err = math.sqrt(max(float(grad @ cov @ grad), 0.0)) if dof > 0 else math.nan
-    a = math.exp(alpha + b * center)
-    return PowerLawFit(a=a, b=float(b), c=0.0, a_err=a * log_a_err, b_err=math.sqrt(cov[1, 1]) if dof > 0 else math.nan,
-                       c_err=0.0, n_points=int(x.size), kind="pure")
-
-
-def _fit_saturating(x: np.ndarray, y: np.ndarray) -> PowerLawFit:
-    """Variable projection: for a fixed b the model is linear in (a, c), so the least-squares
-    problem is a 1-d search over b (grid, then golden section), which has no starting-point trouble.
-    x is scaled by its geometric mean so that a and b are not numerically entangled."""
-    log_x0 = float(np.mean(np.log(x)))
-    u = np.log(x) - log_x0
-    w = 1.0 / y
-
-    def solve(b: float) -> tuple[float, np.ndarray]:
-        design = np.column_stack([np.exp(-b * u), np.ones_like(u)]) * w[:, None]
-        coef, *_ = np.linalg.lstsq(design, np.ones_like(u), rcond=None)
-        return float(np.sum((design @ coef - 1.0) ** 2)), coef
-
-    grid = np.linspace(_B_MIN, _B_MAX, 500)
-    best = int(np.argmin(_profile_rss(grid, u, w)))
-    b = _golden_min(lambda v: solve(v)[0], grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)])
-    rss_b, (a_scaled, c) = solve(b)
-
-    power = np.exp(-b * u)
-    jac = np.column_stack([power * w, -a_scaled * u * power * w, w])
-    cov_scaled = rss_b / (x.size - 3) * np.linalg.pinv(jac.T @ jac)
-    # a = a_scaled * x0^b: carry the covariance over with the Jacobian of that map.
-    scale = math.exp(b * log_x0)
-    to_abc = np.array([[scale, a_scaled * scale * log_x0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    cov = to_abc @ cov_scaled @ to_abc.T
-    errs = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    return PowerLawFit(a=float(a_scaled * scale), b=float(b), c=float(c), a_err=float(errs[0]), b_err=float(errs[1]),
-                       c_err=float(errs[2]), n_points=int(x.size), kind="saturating")
-
-
-def _profile_rss(bs: np.ndarray, u: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Residual sum of squares at the best (a, c) for every b at once (2x2 normal equations)."""
-    p = np.exp(-bs[:, None] * u[None, :]) * w
-    pp, pq, qq = np.sum(p * p, axis=1), p @ w, float(w @ w)
-    p1, q1 = p.sum(axis=1), float(w.sum())
-    with np.errstate(divide="ignore", invalid="ignore"):
-        det = pp * qq - pq * pq
-        a = (p1 * qq - q1 * pq) / det
-        c = (pp * q1 - pq * p1) / det
-        resid = a[:, None] * p + c[:, None] * w - 1.0
-        rss = np.sum(resid * resid, axis=1)
-    return np.where(np.isfinite(rss), rss, np.inf)
-
-
-def _golden_min(f, lo: float, hi: float, tol: float = 1e-10) -> float:
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    left, right = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    f_left, f_right = f(left), f(right)
-    while hi - lo > tol:
-        if f_left < f_right:
-            hi, right, f_right = right, left, f_left
-            left = hi - ratio * (hi - lo)
-            f_left = f(left)
-        else:
-            lo, left, f_left = left, right, f_right
-            right = lo + ratio * (hi - lo)
-            f_right = f(right)
-    return (lo + hi) / 2.0
-
-
-# --------------------------------------------------------------------------------------------
-# Rank correlation.
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the mean of the ranks they span."""
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    starts_group = np.r_[True, ordered[1:] != ordered[:-1]]
-    starts = np.flatnonzero(starts_group)
-    ends = np.r_[starts[1:], values.size]
-    mean_rank = (starts + 1 + ends) / 2.0
-    ranks = np.empty(values.size)
-    ranks[order] = mean_rank[np.cumsum(starts_group) - 1]
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson correlation of average ranks); NaN if either side is constant."""
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if xs.shape != ys.shape or xs.ndim != 1 or xs.size < 2:
-        raise UserError(f"spearman needs two 1-d sequences of equal length >= 2, got {xs.shape} and {ys.shape}")
-    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
-        raise UserError("spearman needs finite values")
-    rx, ry = _average_ranks(xs), _average_ranks(ys)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    return float(rx @ ry) / denom if denom > 0 else math.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,10 +93,6 @@ def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def _finite_or_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def _fit_or_reason(rows: list[dict], x_key: str, y_key: str | None) -> tuple[dict, PowerLawFit | None]:
     if y_key is None:
         return {"skipped": "no accuracy metric was logged"}, None
@@ -267,8 +102,8 @@ def _fit_or_reason(rows: list[dict], x_key: str, y_key: str | None) -> tuple[dic
                            f"found {np.unique(x).size}"}, None
     fit = fit_power_law(x, y)
     entry = {"x": x_key, "y": y_key, **fit.to_dict()}
-    if fit.kind == "saturating" and not 2 * _B_MIN < fit.b < _B_MAX - _B_MIN:
-        entry["note"] = (f"b at the edge of the searched range [{_B_MIN:g}, {_B_MAX:g}]: the points show no "
+    if fit.b_at_bound:
+        entry["note"] = (f"b at the edge of the searched range [{B_MIN:g}, {B_MAX:g}]: the points show no "
                          "saturation, so a and c are not identified")
     return entry, fit
 
@@ -302,7 +137,7 @@ def analyze(runs: list[dict], out_dir: str, *, label_free_metric: str = "loss/to
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(rows, out, label_free_metric, accuracy, fitted, rank)
     result = {"title": title, "trials": len(rows), "label_free_metric": label_free_metric,
-              "accuracy_metric": accuracy, "table": [{k: _finite_or_none(v) for k, v in r.items()} for r in rows],
+              "accuracy_metric": accuracy, "table": [{k: finite_or_none(v) for k, v in r.items()} for r in rows],
               "fits": fits, "spearman": rank, "plots": plots}
     report = out / "report.md"
     report.write_text(_markdown(result))
@@ -324,7 +159,7 @@ def _spearman_entry(rows: list[dict], label_free: str, accuracy: str | None) -> 
     if len(pairs) < 2:
         return {"skipped": f"needs at least 2 trials with both {label_free} and {accuracy}; found {len(pairs)}"}
     value = spearman([p[0] for p in pairs], [p[1] for p in pairs])
-    return {"x": label_free, "y": accuracy, "value": _finite_or_none(value), "n": len(pairs)}
+    return {"x": label_free, "y": accuracy, "value": finite_or_none(value), "n": len(pairs)}
 
 
 def _finite(value: Any) -> bool:
@@ -438,7 +273,8 @@ def _markdown(result: dict[str, Any]) -> str:
 # CLI entry point.
 
 
-def analyze_from_cli(experiment: str, *, tracking_uri: str | None, out: str | None) -> dict[str, Any]:
+def analyze_from_cli(experiment: str, *, tracking_uri: str | None, out: str | None,
+                     quiet: bool = False) -> dict[str, Any]:
     """`lejepa analyze`: analyze the latest sweep of `experiment` (its parent run's children; all
     runs if no sweep parent exists) and attach the report and plots to the parent run."""
     uri = tracking.resolve_tracking_uri(tracking_uri or "")
@@ -455,9 +291,9 @@ def analyze_from_cli(experiment: str, *, tracking_uri: str | None, out: str | No
         statuses = sorted({r["status"] for r in trials})
         raise UserError(f"{scope} has no FINISHED runs to analyze ({len(trials)} runs; statuses: "
                         f"{', '.join(statuses) or 'none'})")
-    out_dir = out or os.path.join("lejepa-analysis", re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment))
-    print(f"analyze: {len(finished)} finished trials of {experiment!r}"
-          + (f" (sweep run {parent['run_id']})" if parent else "") + f" -> {out_dir}", file=sys.stderr)
+    out_dir = out or os.path.join("lejepa-analysis", safe_name(experiment))
+    say(quiet, f"analyze: {len(finished)} finished trials of {experiment!r}"
+        + (f" (sweep run {parent['run_id']})" if parent else "") + f" -> {out_dir}")
     result = analyze(finished, out_dir, title=experiment)
     result.update({"experiment": experiment, "tracking_uri": redact_uri(uri),
                    "parent_run_id": parent["run_id"] if parent else None,

@@ -18,15 +18,17 @@ from typing import Any
 import ray
 from ray import tune
 
-from lejepa_platform.config import RunConfig, SweepConfig, apply_overrides, flatten, from_dict, set_values, to_dict
+from lejepa_platform.capacity import check_room_for_data, trainers_that_fit
+from lejepa_platform.config import RunConfig, SweepConfig, flatten, to_dict
+from lejepa_platform.overrides import apply_overrides, from_dict, set_values
 from lejepa_platform.console import say
 from lejepa_platform.errors import RunFailed, UserError
 from lejepa_platform.ray_env import init_ray
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.sweep.analysis import analyze_from_cli
 from lejepa_platform.tracking import SWEEP_TAG, MLflowTracker, find_run, resolve_tracking_uri, run_environment_tags, search_runs
-from lejepa_platform.train.launch import preflight, pretrain
-from lejepa_platform.train.storage import absolute_storage, read_run_record, run_exists, write_run_record
+from lejepa_platform.run.launch import preflight, pretrain
+from lejepa_platform.run.storage import absolute_storage, read_run_record, run_exists, write_run_record
 
 SWEEP_RECORD = "lejepa_sweep"
 TRIAL_RESOURCE = "trial_driver"
@@ -51,12 +53,9 @@ def check_space(scfg: SweepConfig) -> None:
 
 def preflight_model_only(cfg: RunConfig) -> None:
     """Cheap per-value check: the backbone must exist (data is checked once for the base)."""
-    import torch
+    from lejepa_platform.model import check_backbone
 
-    from lejepa_platform.model import build_encoder
-
-    with torch.device("meta"):
-        build_encoder(cfg.model)
+    check_backbone(cfg.model)
 
 
 def trial_cpus(cfg: RunConfig) -> float:
@@ -64,15 +63,13 @@ def trial_cpus(cfg: RunConfig) -> float:
 
 
 def concurrency(scfg: SweepConfig, cpus: float, gpus: float) -> int:
-    """Trials that fit side by side, leaving one CPU for Ray Data; refuses impossible trials."""
+    """Trials that fit side by side, leaving CPUs for Ray Data (`capacity`); refuses impossible trials."""
     cfg = scfg.base
     need = trial_cpus(cfg)
-    if need + 1 > cpus:
-        raise UserError(f"one trial needs train.workers x train.cpus_per_worker = {need:g} CPUs plus 1 for data, "
-                        f"but the cluster has {cpus:g}")
+    check_room_for_data(need, cpus, "one trial's train.workers x train.cpus_per_worker")
     if cfg.train.use_gpu and cfg.train.workers > gpus:
         raise UserError(f"one trial needs {cfg.train.workers} GPUs (train.use_gpu), the cluster has {gpus:g}")
-    fit = int((cpus - 1) // need)
+    fit = trainers_that_fit(need, cpus)
     if cfg.train.use_gpu:
         fit = min(fit, int(gpus // cfg.train.workers))
     return min(scfg.max_concurrent_trials or fit, fit)
@@ -152,7 +149,8 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
                "config": r.config, "last": {k: v for k, v in (r.metrics or {}).items() if k in (scfg.metric, "step")}}
               for r in grid]
     try:
-        analysis = analyze_from_cli(experiment, tracking_uri=tracking_uri, out=f"{storage}/{scfg.name}/analysis")
+        analysis = analyze_from_cli(experiment, tracking_uri=tracking_uri, out=f"{storage}/{scfg.name}/analysis",
+                                    quiet=quiet)
     except UserError as err:
         analysis = {"skipped": str(err)}
     parent.finish("FINISHED")
