@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
-from lejepa_platform.tracking import find_run, list_artifacts
-from lejepa_platform.train.launch import pretrain
+from lejepa_platform.tracking import find_run
+from lejepa_platform.run.launch import pretrain
 
 pytestmark = pytest.mark.e2e
 
@@ -60,16 +61,15 @@ def test_eval_run_id_attaches_metrics_and_plots_to_the_run(trained):
     run = find_run(cfg.track.uri, run_id)
     assert run["status"] == "FINISHED"  # attaching results does not reopen the run
     assert run["metrics"]["eval/pretrained/knn_k20"] == pytest.approx(json.loads(out.stdout)["models"]["pretrained"]["knn_k20"])
-    assert {"eval/evaluation.json", "eval/spectrum.png"} <= set(list_artifacts(cfg.track.uri, run_id, "eval"))
+    eval_artifacts = {f.path for f in MlflowClient(cfg.track.uri).list_artifacts(run_id, "eval")}
+    assert {"eval/evaluation.json", "eval/spectrum.png"} <= eval_artifacts
 
 
 @pytest.fixture(scope="module")
 def unusable_data(trained, fmnist_sample):
-    """Shards without a train/test split, and unlabelled shards (a flat folder) with one."""
+    """Unlabelled shards (a flat folder) with a train/test split."""
     _, _, _, tmp = trained
-    built = {"NOSPLIT": tmp / "nosplit", "UNLABELLED": tmp / "unlabelled"}
-    assert lejepa("shards", "build", "builtin:fashion-mnist-10k", str(built["NOSPLIT"]), "--test-fraction", "0",
-                  cwd=tmp).returncode == 0
+    built = {"UNLABELLED": tmp / "unlabelled"}
     flat = tmp / "flat"
     flat.mkdir()
     for i, png in enumerate(fmnist_sample["png"][:40]):
@@ -83,8 +83,8 @@ def unusable_data(trained, fmnist_sample):
     (["/nonexistent/checkpoint", "--data", "builtin:fashion-mnist-10k"], "not a checkpoint directory"),
     (["0123456789abcdef", "--data", "builtin:fashion-mnist-10k"], "no MLflow run with id"),
     (["CKPT", "--data", "builtin:fashion-mnist-10k", "--protocol", "knn,bogus"], "--protocol"),
-    (["CKPT", "--data", "NOSPLIT"], "no train/test split"),
-    (["CKPT", "--data", "UNLABELLED", "--protocol", "knn"], "label"),
+    (["CKPT", "--data", "/nonexistent/probe-set"], "does not exist"),
+    (["CKPT", "--data", "UNLABELLED", "--protocol", "knn"], "has no labels"),
 ])
 def test_eval_bad_input_is_one_line_and_exit_2(trained, unusable_data, args, message):
     cfg, _, checkpoint, tmp = trained
@@ -92,3 +92,17 @@ def test_eval_bad_input_is_one_line_and_exit_2(trained, unusable_data, args, mes
     out = lejepa("eval", *args, "--tracking-uri", cfg.track.uri, cwd=tmp)
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr
+
+
+def test_eval_on_unlabelled_data_gives_the_label_free_report(trained, unusable_data):
+    """No --protocol: the default probes are skipped with the reason, the geometry is reported."""
+    cfg, _, checkpoint, tmp = trained
+    out = lejepa("eval", str(checkpoint), "--data", str(unusable_data["UNLABELLED"]), "--json", cwd=tmp)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["skipped"].startswith("labelled protocols (knn, linear) skipped") and "no labels" in report["skipped"]
+    assert report["num_held_out"] == 20 and report["split"] == "own"  # --test-fraction 0.5 of 40
+    assert report["models"] == {"pretrained": None, "random_init": None, "raw_pixels": None}
+    pretrained, random_init = report["geometry"]["pretrained"], report["geometry"]["random_init"]
+    assert pretrained != random_init and 1.0 <= pretrained["effective_rank"] <= report["embed_dim"]
+    assert Path(report["plots"]["spectrum"]).stat().st_size > 1000 and report["plots"]["patch_pca"]

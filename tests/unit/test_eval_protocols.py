@@ -26,6 +26,7 @@ from lejepa_platform.eval import linear as linear_module
 from lejepa_platform.eval.linear import linear_probe
 from lejepa_platform.eval.report import evaluation_report
 from lejepa_platform.model import build_encoder
+from lejepa_platform.schedule import warmup_cosine
 
 pytestmark = pytest.mark.unit
 
@@ -150,7 +151,7 @@ def test_probe_training_matches_nn_linear_with_torch_adamw():
         order = torch.randperm(300, generator=generator)
         for start in range(0, 300, batch_size):
             rows = order[start:start + batch_size]
-            optimizer.param_groups[0]["lr"] = lr * linear_module._schedule(step, warmup, total)
+            optimizer.param_groups[0]["lr"] = lr * warmup_cosine(step, warmup, total)
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(probe(x[rows]), y[rows]).backward()
             optimizer.step()
@@ -280,8 +281,10 @@ def test_vit_features_are_the_embedding_then_the_mean_patch_token():
         probe_embedder(enc, "patches")
 
 
-REPORT_KEYS = {"schema_version", "backbone", "embed_dim", "features", "feature_dim", "image_size", "num_train",
-               "num_test", "num_classes", "protocols", "seed", "models", "lift", "geometry", "plots"}
+REPORT_KEYS = {"schema_version", "backbone", "embed_dim", "features", "feature_dim", "image_size", "skipped",
+               "num_train", "num_test", "num_classes", "num_held_out", "protocols", "seed", "models", "lift",
+               "geometry", "plots"}
+GEOMETRY_KEYS = {"effective_rank", "effective_rank_fraction", "sigreg", "top_eigenvalues", "per_dim_variance"}
 
 
 def test_report_schema_lift_and_plots(tmp_path):
@@ -291,7 +294,8 @@ def test_report_schema_lift_and_plots(tmp_path):
     report = evaluation_report(TINY_VIT, state, train, test, protocols=("linear", "knn", "fewshot"),
                                plots_dir=tmp_path)
     assert set(report) == REPORT_KEYS
-    assert report["schema_version"] == 3 and report["embed_dim"] == 24 and report["image_size"] == [16, 16]
+    assert report["schema_version"] == 4 and report["embed_dim"] == 24 and report["image_size"] == [16, 16]
+    assert report["skipped"] is None and report["num_held_out"] == 30
     assert report["features"] == "embedding+patch_mean" and report["feature_dim"] == 48
     assert (report["num_train"], report["num_test"], report["num_classes"]) == (60, 30, 3)
     metric_keys = {"linear", "linear_lr", "knn_k20", "knn_k200", "fewshot_1shot_mean", "fewshot_1shot_std",
@@ -306,10 +310,10 @@ def test_report_schema_lift_and_plots(tmp_path):
     assert set(lift) == metric_keys - {"fewshot_1shot_std", "fewshot_10shot_std", "linear_lr"}
     for key, value in lift.items():
         assert value == report["models"]["pretrained"][key] - report["models"]["raw_pixels"][key]
-    geo = report["geometry"]
-    assert set(geo) == {"model", "effective_rank", "effective_rank_fraction", "sigreg", "top_eigenvalues",
-                        "per_dim_variance"}
-    assert geo["model"] == "pretrained" and 1.0 <= geo["effective_rank"] <= 24
+    assert set(report["geometry"]) == {"pretrained", "random_init"}
+    assert set(report["geometry"]["random_init"]) == GEOMETRY_KEYS
+    geo = report["geometry"]["pretrained"]
+    assert set(geo) == GEOMETRY_KEYS and 1.0 <= geo["effective_rank"] <= 24
     assert geo["effective_rank_fraction"] == pytest.approx(geo["effective_rank"] / 24)
     assert len(geo["top_eigenvalues"]) == 10 and geo["top_eigenvalues"] == sorted(geo["top_eigenvalues"], reverse=True)
     for name in ("spectrum", "patch_pca"):
@@ -323,7 +327,7 @@ def test_report_without_weights_keeps_the_schema_and_compares_baselines():
     assert set(report) == REPORT_KEYS
     assert report["models"]["pretrained"] is None
     assert report["lift"] == {"vs_random_init": None, "vs_raw_pixels": None}
-    assert report["geometry"]["model"] == "random_init"
+    assert report["geometry"]["pretrained"] is None and set(report["geometry"]["random_init"]) == GEOMETRY_KEYS
     assert report["plots"] == {"spectrum": None, "patch_pca": None}
     assert (report["features"], report["feature_dim"]) == ("embedding+patch_mean", 16)  # a CNN: the embedding
     assert set(report["models"]["random_init"]) == {"knn_k20", "knn_k200"}
@@ -369,3 +373,36 @@ def test_report_accepts_a_bare_backbone_state():
     bare = evaluation_report(TINY_VIT, enc.backbone.state_dict(), train, test, protocols=("knn",))
     assert full["models"]["pretrained"] == bare["models"]["pretrained"]
     assert full["geometry"] == bare["geometry"]
+
+
+def test_label_free_report_on_unlabelled_images_compares_pretrained_and_random_init(tmp_path):
+    """protocols=(): no labels needed; the geometry is exactly that of each backbone's held-out
+    embeddings, and the same as a labelled report computes on the same test images."""
+    from lejepa_platform.eval.geometry import effective_rank, sigreg_statistic
+    from lejepa_platform.eval.report import missing_labels
+
+    train, test = _image_split(30, 1, size=32), _image_split(20, 2, size=32)
+    unlabelled = Split(test.images, np.full(20, -1))
+    assert missing_labels(unlabelled, "test") == "the test data has no labels (all 20 images are label -1)"
+    assert missing_labels(test, "test") is None
+    torch.manual_seed(7)
+    state = build_encoder(TINY_VIT).state_dict()
+    report = evaluation_report(TINY_VIT, state, None, unlabelled, protocols=(), seed=3, plots_dir=tmp_path,
+                               skipped="labelled protocols skipped: no labels")
+    assert set(report) == REPORT_KEYS and report["skipped"] == "labelled protocols skipped: no labels"
+    assert report["models"] == {"pretrained": None, "random_init": None, "raw_pixels": None}
+    assert report["protocols"] == [] and report["num_train"] is None and report["num_held_out"] == 20
+    pretrained = report_module._load(report_module._seeded_encoder(TINY_VIT, 3), state, TINY_VIT)
+    random_init = report_module._seeded_encoder(TINY_VIT, 3, optional_kwargs={"zero_init_last": False})
+    for name, encoder in (("pretrained", pretrained), ("random_init", random_init)):
+        feats = extract_features(encoder, test.images, features="embedding")
+        geo = report["geometry"][name]
+        assert geo["effective_rank"] == pytest.approx(effective_rank(feats), rel=1e-6)
+        assert geo["sigreg"] == pytest.approx(sigreg_statistic(feats, seed=3), rel=1e-5)
+    assert report["geometry"]["pretrained"] != report["geometry"]["random_init"]
+    for name in ("spectrum", "patch_pca"):
+        assert open(report["plots"][name], "rb").read()[:4] == b"\x89PNG"
+    labelled = evaluation_report(TINY_VIT, state, Split(train.images, train.labels), test, protocols=("knn",),
+                                 seed=3)
+    assert labelled["geometry"]["pretrained"]["effective_rank"] == pytest.approx(
+        report["geometry"]["pretrained"]["effective_rank"], rel=1e-6)

@@ -109,3 +109,19 @@ def test_plots_write_non_empty_pngs(tmp_path):
 def test_plot_loss_curve_rejects_ragged_series(tmp_path):
     with pytest.raises(ValueError, match="series 'loss' has 2 values for 3 steps"):
         plot_loss_curve([0, 1, 2], {"loss": [1.0, 0.5]}, tmp_path / "x.png")
+
+
+def test_loss_curve_has_one_panel_per_term_on_its_own_scale():
+    """SIGReg falling from 14 to 4 next to a prediction term near 0.05: each keeps its own y range."""
+    from lejepa_platform.eval.plots import loss_curve_figure
+
+    steps = list(range(1, 51))
+    series = {"loss/total": [0.05 + 0.02 * (14 - 0.2 * s) for s in steps],
+              "loss/prediction": [0.05 + 0.001 * (s % 7) for s in steps],
+              "loss/sigreg": [14 - 0.2 * s for s in steps]}
+    axes = loss_curve_figure(steps, series).axes
+    assert [ax.get_title() for ax in axes] == list(series)
+    for ax, values in zip(axes, series.values()):
+        low, high = ax.get_ylim()
+        assert low <= min(values) and max(values) <= high
+        assert high - low < 2 * (max(values) - min(values))  # the panel is scaled to its own term

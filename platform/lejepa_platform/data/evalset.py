@@ -1,21 +1,30 @@
-"""Small labelled evaluation sets loaded in-process (no Ray): centre-cropped uint8 images + labels.
+"""Small evaluation sets loaded in-process (no Ray): centre-cropped uint8 images + labels.
 
-For sets that fit in memory (the embedded dataset, probes on a few thousand images); larger ones go
-through `pipeline.eval_dataset`. Both use the same reader, so their pixels agree.
+For sets that fit in memory (the embedded dataset, probes on a few thousand images, a seeded
+sample of a large unlabelled source); larger ones go through `pipeline.eval_dataset`. Both use the
+same reader, so their pixels agree.
+
+Splits: a source with its own fixed train/test split (a shard manifest's, Hub train-/test- files)
+is evaluated on it; any other
+source gets a seeded one here (SEEDED_TEST_FRACTION of each label value held out), so a labelled
+probe set can be a plain image folder, a path list or Hub-layout Parquet.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import math
 from collections import Counter
 
 import numpy as np
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data.reader import describe, eval_blocks, plan_source
+from lejepa_platform.console import warn
+from lejepa_platform.data.reader import Plan, describe, eval_blocks, plan_source
 
-log = logging.getLogger("lejepa_platform.data")
+
+SEEDED_TEST_FRACTION = 0.2
+"""Share of each label value (unlabelled rows count as one value) held out by a seeded split."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,22 +36,82 @@ class EvalSet:
     class_names: tuple[str, ...]
     skipped: int = 0
 
+    def subset(self, mask: np.ndarray) -> EvalSet:
+        return EvalSet(self.images[mask], self.labels[mask], self.class_names, self.skipped)
 
-def load_eval_set(source: str, split: str, size: int, *,
+
+@dataclasses.dataclass(frozen=True)
+class EvalSplits:
+    """What an evaluation reads: train (None when only the held-out side was asked for) and test."""
+
+    train: EvalSet | None
+    test: EvalSet
+    split: str
+    """"own" (the source's fixed split: a shard manifest's, or Hub train-/test- files) or "seeded"
+    (SEEDED_TEST_FRACTION, by `seeded_test_mask`)."""
+
+
+def load_eval_set(source: str, split: str, size: int, *, max_rows: int = 0, seed: int = 0,
                   max_image_pixels: int = DataConfig().max_image_pixels) -> EvalSet:
-    """Every record of `split`, shorter side resized to `size` then centre-cropped (stored order)."""
-    plan = plan_source(source, split)
+    """Every record of `split`, shorter side resized to `size` then centre-cropped (stored order).
+
+    max_rows > 0 caps the rows read: the plan's units are then visited in a seeded order and the
+    first max_rows rows kept, a seeded sample that never reads the whole of a large source.
+    """
+    return _load(plan_source(source, split), size, max_rows=max_rows, seed=seed, max_image_pixels=max_image_pixels)
+
+
+def load_eval_splits(source: str, size: int, *, seed: int, need_train: bool = True, max_rows: int = 0,
+                     max_image_pixels: int = DataConfig().max_image_pixels) -> EvalSplits:
+    """The source's train and test sides: its own fixed split, else a seeded one.
+
+    max_rows > 0 caps each side at about max_rows rows (a seeded sample, see `load_eval_set`).
+    """
+    plan = plan_source(source, "all")
+    if plan.split_spec is not None:
+        test = load_eval_set(source, "test", size, max_rows=max_rows, seed=seed, max_image_pixels=max_image_pixels)
+        train = (load_eval_set(source, "train", size, max_rows=max_rows, seed=seed, max_image_pixels=max_image_pixels)
+                 if need_train else None)
+        return EvalSplits(train, test, "own")
+    everything = _load(plan, size, max_rows=math.ceil(max_rows / SEEDED_TEST_FRACTION), seed=seed,
+                       max_image_pixels=max_image_pixels)
+    test = seeded_test_mask(everything.labels, SEEDED_TEST_FRACTION, seed)
+    return EvalSplits(everything.subset(~test) if need_train else None, everything.subset(test), "seeded")
+
+
+def seeded_test_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Exactly round(fraction * n) rows of each label value (n its rows; -1 included) held out,
+    chosen by a permutation seeded by `seed` alone (the rows' stored order is deterministic)."""
+    labels = np.asarray(labels)
+    keys = np.random.default_rng([seed % 2**64, 0x7E57]).permutation(len(labels))
+    test = np.zeros(len(labels), dtype=bool)
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        test[members[np.argsort(keys[members])[:int(round(fraction * len(members)))]]] = True
+    return test
+
+
+def _load(plan: Plan, size: int, *, max_rows: int, seed: int, max_image_pixels: int) -> EvalSet:
+    units = list(plan.units)
+    if max_rows and plan.rows > max_rows:
+        order = np.random.default_rng([seed % 2**64, 0xE7A1]).permutation(len(units))
+        units = [units[i] for i in order]
     images, labels = [], []
     counts: Counter = Counter()
-    for unit in plan.units:
+    for unit in units:
         for block, bad, records in eval_blocks(unit, plan, size, max_image_pixels):
             counts.update(bad)
             counts["records"] += records
             if block is not None:
                 images.append(block["image"])
                 labels.append(block["label"])
+        if max_rows and sum(len(x) for x in labels) >= max_rows:
+            break
     skipped = counts["records"] - sum(len(x) for x in labels)
     if skipped:
-        log.warning("eval set %s (%s): %s", source, split, describe(counts))
+        warn(f"eval set {plan.source} ({plan.split}): {describe(counts)}")
     stacked = np.concatenate(images) if images else np.zeros((0, 3, size, size), np.uint8)
-    return EvalSet(stacked, np.concatenate(labels) if labels else np.zeros(0, np.int64), plan.class_names, skipped)
+    stacked_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    if max_rows:
+        stacked, stacked_labels = stacked[:max_rows], stacked_labels[:max_rows]
+    return EvalSet(stacked, stacked_labels, plan.class_names, skipped)

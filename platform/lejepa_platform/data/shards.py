@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from lejepa_platform import __version__
+from lejepa_platform.batching import chunks
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data.decode import BadImage, array_to_image, count_reasons, encode, load_image, open_image
 from lejepa_platform.data.sources import (LOCAL_FS, MANIFEST, SHARD_COLUMNS, RawRecord, ShardSource, is_uri, locate,
@@ -371,7 +372,7 @@ def _write_all(src, staging: _Staging, done: list[Path], names: list[str], rows_
         shard_skipped.clear()
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for chunk in _chunks(src.records(skip=consumed), 256):
+        for chunk in chunks(src.records(skip=consumed), 256):
             for record, result in zip(chunk, pool.map(lambda r: _convert(r, opts), chunk)):
                 consumed += 1
                 if isinstance(result, str):
@@ -400,17 +401,6 @@ def _write_all(src, staging: _Staging, done: list[Path], names: list[str], rows_
             "skipped": count_reasons([skipped]),
             "content_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
             "_labels": all_labels, "_keys": np.concatenate(keys)}
-
-
-def _chunks(records: Iterable[RawRecord], size: int) -> Iterable[list[RawRecord]]:
-    chunk: list[RawRecord] = []
-    for record in records:
-        chunk.append(record)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _summary(out: Path | str, manifest: dict, status: str, resumed: int, started: float) -> dict:

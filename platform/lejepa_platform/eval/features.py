@@ -8,10 +8,8 @@ What the probes read (`FEATURES`, chosen by eval.features): "embedding" is the b
 output (for timm ViTs the class token), the vector the online probe and the geometry read;
 "embedding+patch_mean" appends the mean of the final patch tokens for ViTs (DINO's linear
 evaluation of ViT-B reads the same pair), because the class token alone leaves out what the
-patch tokens learnt: one 640-step run of the embedded default scored 78.8 % linear / 74.1 % kNN
-(k=20) with the class token and 81.1 / 76.0 with both, its random init 66.2 / 61.8 and 71.2 /
-61.9 (`lejepa eval RUN --features ...`; the README has the current run's rows). Backbones without patch tokens (CNNs) give their
-embedding either way. The embedding is always the first E columns.
+patch tokens learnt (docs/performance.md compares both). Backbones without patch tokens (CNNs)
+give their embedding either way. The embedding is always the first E columns.
 """
 
 from __future__ import annotations

@@ -14,35 +14,51 @@ import torch
 from matplotlib.figure import Figure
 
 
-def plot_spectrum(eigs: np.ndarray, path: str | Path) -> Path:
-    """Covariance eigenvalues (log scale, largest first) and their cumulative share of variance."""
-    eigs = np.sort(np.asarray(eigs, dtype=np.float64))[::-1]
-    rank = np.arange(1, eigs.size + 1)
+def plot_spectrum(spectra: np.ndarray | Mapping[str, np.ndarray], path: str | Path) -> Path:
+    """Covariance eigenvalues (log scale, largest first) and their cumulative share of variance; one
+    line per named model when given a mapping (e.g. pretrained and random init)."""
+    if not isinstance(spectra, Mapping):
+        spectra = {"": spectra}
     fig = Figure(figsize=(9, 3.5))
     ax_eig, ax_cum = fig.subplots(1, 2)
-    ax_eig.semilogy(rank, np.clip(eigs, 1e-12, None), marker=".", linewidth=1)
+    for name, values in spectra.items():
+        eigs = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+        rank = np.arange(1, eigs.size + 1)
+        ax_eig.semilogy(rank, np.clip(eigs, 1e-12, None), marker=".", linewidth=1, label=name or None)
+        total = eigs.sum()
+        ax_cum.plot(rank, np.cumsum(eigs) / total if total > 0 else np.zeros_like(eigs), label=name or None)
     ax_eig.set(xlabel="eigenvalue index", ylabel="eigenvalue", title="embedding covariance spectrum")
-    total = eigs.sum()
-    ax_cum.plot(rank, np.cumsum(eigs) / total if total > 0 else np.zeros_like(eigs))
     ax_cum.set(xlabel="components", ylabel="cumulative variance share", ylim=(0, 1.02))
     for ax in (ax_eig, ax_cum):
         ax.grid(alpha=0.3)
+    if any(spectra):
+        ax_cum.legend()
     return _save(fig, path)
 
 
 def plot_loss_curve(steps: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """One line per named series against the optimizer step (e.g. loss, prediction, sigreg)."""
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
+    """`loss_curve_figure` as a PNG."""
+    return _save(loss_curve_figure(steps, series), path)
+
+
+def loss_curve_figure(steps: Sequence[float], series: Mapping[str, Sequence[float]]) -> Figure:
+    """One panel per named series against the optimizer step, each on its own y scale.
+
+    Separate panels because the terms live on different scales (SIGReg's is far above the
+    prediction term's), so one shared axis would flatten all but the largest into a line near 0.
+    """
     for name, values in series.items():
         if len(values) != len(steps):
             raise ValueError(f"series {name!r} has {len(values)} values for {len(steps)} steps")
-        ax.plot(steps, values, label=name, linewidth=1)
-    ax.set(xlabel="step", ylabel="value", title="training curves")
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend()
-    return _save(fig, path)
+    panels = max(len(series), 1)
+    fig = Figure(figsize=(3.6 * panels, 3.2))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    for ax, (name, values) in zip(axes, series.items()):
+        ax.plot(steps, values, linewidth=1)
+        ax.set(xlabel="step", title=name)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return fig
 
 
 def plot_patch_pca(patch_feats: Sequence[torch.Tensor | np.ndarray], images: Sequence[torch.Tensor | np.ndarray],
