@@ -1,5 +1,6 @@
-"""Multi-crop views: shapes, seeded reproducibility, crop geometry invariants, and parity of every
-photometric operation with torchvision's reference implementation."""
+"""Multi-crop views: shapes, seeded reproducibility, crop geometry invariants, the photometric params
+the geometric half ships, and parity of every photometric operation with torchvision's reference
+implementation (placement parity: test_view_placement.py)."""
 
 import dataclasses
 import math
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.unit
 PAPER = DataConfig()  # 2 x 224 global (scale 0.3-1) + 6 x 96 local (0.05-0.3)
 SMALL = DataConfig(global_views=4, global_size=32, local_views=0)
 PLAIN = dataclasses.replace(SMALL, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+PLAIN_PAPER = dataclasses.replace(PAPER, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -170,17 +172,58 @@ def test_gaussian_blur_matches_torchvision_and_keeps_constants():
     assert torch.allclose(V.gaussian_blur(flat, torch.tensor([0.3, 2.0])), flat, atol=1e-4)
 
 
-def test_jitter_probability_and_order_come_from_the_uniforms():
+@pytest.mark.parametrize("strategy", ["subset", "blend"])
+def test_jitter_probability_and_order_come_from_the_params(strategy):
     cfg = dataclasses.replace(PLAIN, jitter_p=0.8)
     x = torch.full((200, 3, 8, 8), 100, dtype=torch.uint8)
     x[:, 0] = 200  # a reddish flat colour: every jitter op changes it
-    u = torch.from_numpy(np.random.default_rng(0).random((200, V.UNIFORMS_PER_VIEW)))
-    out = V.photometric(x, u, cfg)
-    changed = (out != x).flatten(1).any(dim=1)
+    u = np.random.default_rng(0).random((200, V.UNIFORMS_PER_VIEW))
+    out = V.photometric(x, torch.from_numpy(V.photometric_params(u)), cfg, strategy=strategy)
+    changed = (out != x).flatten(1).any(dim=1).numpy()
     expected = u[:, V._JITTER] < 0.8
-    factors = (2 * u[:, V._FACTORS] - 1).abs()
-    noticeable = (factors > 0.05).all(dim=1)  # tiny factors may round back to the same pixels
-    assert torch.equal(changed[noticeable], expected[noticeable])
+    factors = np.abs(2 * u[:, V._FACTORS] - 1)
+    noticeable = (factors > 0.05).all(axis=1)  # tiny factors may round back to the same pixels
+    np.testing.assert_array_equal(changed[noticeable], expected[noticeable])
+
+
+def test_photometric_params_are_the_photometric_uniforms_as_float32():
+    u = np.random.default_rng(1).random((3, 5, V.UNIFORMS_PER_VIEW))
+    params = V.photometric_params(u)
+    assert params.shape == (3, 5, V.PHOTOMETRIC_PARAMS) == (3, 5, 14) and params.dtype == np.float32
+    np.testing.assert_array_equal(params, u[..., V._FLIP:].astype(np.float32))
+    assert V.UNIFORMS_PER_VIEW - V._FLIP == V.PHOTOMETRIC_PARAMS  # flip is the first photometric uniform
+
+
+def test_photometric_rejects_an_unknown_strategy():
+    with pytest.raises(ValueError, match="strategy 'fast' is not one of auto, subset, blend"):
+        V.photometric(torch.zeros((1, 3, 4, 4), dtype=torch.uint8), torch.zeros((1, V.PHOTOMETRIC_PARAMS)), PLAIN,
+                      strategy="fast")
+
+
+def test_without_the_photometric_half_multi_crop_ships_crops_and_float32_params(images):
+    out = V.multi_crop(images[:3], ids(3), PAPER, seed=4, epoch=1, photometric=False)
+    assert sorted(out) == ["global", "global_params", "local", "local_params"]
+    assert out["global_params"].shape == (3, 2, V.PHOTOMETRIC_PARAMS) and out["global_params"].dtype == np.float32
+    assert out["local_params"].shape == (3, 6, V.PHOTOMETRIC_PARAMS) and out["local_params"].dtype == np.float32
+    u = V.photometric_params(V.view_uniforms(4, 1, ids(3), 8))
+    np.testing.assert_array_equal(np.concatenate([out["global_params"], out["local_params"]], axis=1), u)
+    plain = V.multi_crop(images[:3], ids(3), PLAIN_PAPER, seed=4, epoch=1)
+    np.testing.assert_array_equal(out["global"], plain["global"])  # the crops, untouched
+    np.testing.assert_array_equal(out["local"], plain["local"])
+    assert sorted(V.multi_crop(images, ids(6), SMALL, seed=0, epoch=0, photometric=False)) == ["global", "global_params",
+                                                                                              "local"]
+
+
+@pytest.mark.parametrize("cfg", [PAPER, SMALL], ids=["paper", "small"])
+def test_multi_crop_is_its_geometric_half_then_augment_views(images, cfg):
+    whole = V.multi_crop(images, ids(6), cfg, seed=7, epoch=2)
+    crops = V.multi_crop(images, ids(6), cfg, seed=7, epoch=2, photometric=False)
+    batch = {**{k: torch.from_numpy(v) for k, v in crops.items()}, "label": torch.arange(6)}
+    out = V.augment_views(batch, cfg)
+    assert sorted(out) == sorted(k for k in batch if not k.endswith("_params"))
+    assert torch.equal(out["label"], batch["label"])
+    for name in ("global", "local") if cfg.local_views else ("global",):
+        np.testing.assert_array_equal(out[name].numpy(), whole[name])
 
 
 def test_normalize_uses_imagenet_statistics_on_any_shape():

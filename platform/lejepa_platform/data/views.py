@@ -12,6 +12,11 @@ vectorised over all views of the batch at one resolution: horizontal flip, colou
 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, applied in a random order per view),
 grayscale, Gaussian blur (sigma 0.1..2 px), solarize (threshold 128). Views leave as uint8;
 `normalize` turns them into float32 on whatever device the consumer uses.
+
+The photometric half runs where data.augment_on puts it: in `multi_crop` (the data side), or on the
+trainer's device (`multi_crop(..., photometric=False)` ships each view's float32 params with the
+crops, `augment_views` applies them after the host-to-device copy). Both call `photometric`, so
+the views are the same either way.
 """
 
 from __future__ import annotations
@@ -45,12 +50,26 @@ _TOP, _LEFT, _FLIP, _JITTER = 20, 21, 22, 23
 _FACTORS, _ORDER = slice(24, 28), slice(28, 32)
 _GRAY, _BLUR, _SIGMA, _SOLARIZE = 32, 33, 34, 35
 UNIFORMS_PER_VIEW = 36
+# The photometric ones are the tail of that block; `photometric` reads them in this layout.
+_PHOTOMETRIC = slice(_FLIP, UNIFORMS_PER_VIEW)
+PHOTOMETRIC_PARAMS = UNIFORMS_PER_VIEW - _FLIP
+"""Float32 parameters per view that the photometric ops read (`photometric_params`)."""
+_P_FLIP, _P_JITTER, _P_GRAY, _P_BLUR, _P_SIGMA, _P_SOLARIZE = (i - _FLIP for i in (_FLIP, _JITTER, _GRAY, _BLUR,
+                                                                                  _SIGMA, _SOLARIZE))
+_P_FACTORS = slice(_FACTORS.start - _FLIP, _FACTORS.stop - _FLIP)
+_P_ORDER = slice(_ORDER.start - _FLIP, _ORDER.stop - _FLIP)
+
+
+def _constant(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """A 1-d float32 tensor of `values` on like's device, made by fill kernels: a tensor made from a
+    Python list would be copied host to device, which waits for the device."""
+    return torch.stack([torch.full((), v, dtype=torch.float32, device=like.device) for v in values])
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 standardised with ImageNet mean/std, on x's device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=torch.float32).view(3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=x.device, dtype=torch.float32).view(3, 1, 1) * 255.0)
+    mean = _constant(IMAGENET_MEAN, x).view(3, 1, 1) * 255.0
+    inv_std = 1.0 / (_constant(IMAGENET_STD, x).view(3, 1, 1) * 255.0)
     return (x.to(torch.float32) - mean) * inv_std
 
 
@@ -112,28 +131,38 @@ def as_chw(image: np.ndarray) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Photometric augmentation on float32 in [0, 255], vectorised over views.
+#
+# Its random numbers travel as float32 (`photometric_params`), so that the data side and the trainer
+# feed the very same values to the very same code whichever of them runs it.
+
+
+def photometric_params(u: np.ndarray) -> np.ndarray:
+    """(..., UNIFORMS_PER_VIEW) float64 uniforms -> (..., PHOTOMETRIC_PARAMS) float32: what
+    `photometric` reads, in the form both placements use."""
+    return u[..., _PHOTOMETRIC].astype(np.float32)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     return GRAY_WEIGHTS[0] * x[:, 0:1] + GRAY_WEIGHTS[1] * x[:, 1:2] + GRAY_WEIGHTS[2] * x[:, 2:3]
 
 
+def _affine(x: torch.Tensor, f: torch.Tensor, towards: torch.Tensor | float) -> torch.Tensor:
+    """x * f + towards * (1 - f), clamped: brightness (towards 0), contrast (the grey mean) and
+    saturation (the grey image) are all this blend."""
+    f = f.view(-1, 1, 1, 1)
+    return (x * f + towards * (1.0 - f)).clamp_(0.0, 255.0)
+
+
 def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 255.0)
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 255.0)  # _affine towards 0, without adding the zeros
 
 
 def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = f.view(-1, 1, 1, 1)
-    return (x * f + mean * (1.0 - f)).clamp_(0.0, 255.0)
+    return _affine(x, f, _gray(x).mean(dim=(1, 2, 3), keepdim=True))
 
 
 def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    f = f.view(-1, 1, 1, 1)
-    return (x * f + _gray(x) * (1.0 - f)).clamp_(0.0, 255.0)
-
-
-_HSV_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    return _affine(x, f, _gray(x))
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -150,20 +179,23 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     sixths = red * (g - b) + green * (b - r + 2.0 * delta) + blue * (r - g + 4.0 * delta)
     sixths.mul_(inv).add_(6.0 * shift.view(-1, 1, 1))
     sixths.add_((sixths < 0).to(x.dtype), alpha=6.0)  # now in [0, 6)
-    k = _HSV_OFFSETS + sixths[:, None]  # in [1, 11)
+    k = _constant(_HSV_OFFSETS, x).view(1, 3, 1, 1) + sixths[:, None]  # in [1, 11)
     k.sub_((k >= 6.0).to(x.dtype), alpha=6.0)
     # Channel weight: the trapezoid min(k, 4 - k) clipped to [0, 1], i.e. 2 - |k - 2| clipped.
     return k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0).mul_(-delta[:, None]).add_(maxc[:, None])
 
 
+_HSV_OFFSETS = (5.0, 3.0, 1.0)
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+_CONTRAST, _SATURATION, _HUE = 1, 2, 3
+"""Indices into _JITTER_OPS (brightness is 0)."""
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur with a per-view sigma (pixels), reflect padding."""
     n, c, h, w = x.shape
     pad = min(BLUR_RADIUS, h - 1, w - 1)
-    taps = torch.arange(-pad, pad + 1, dtype=torch.float32)
+    taps = torch.arange(-pad, pad + 1, dtype=torch.float32, device=x.device)
     kernel = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
     flat = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
@@ -172,36 +204,124 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.reshape(n, c, h, w)
 
 
+def _jitter_factors(params: torch.Tensor) -> torch.Tensor:
+    """(N, 4) factors: brightness, contrast, saturation in 1 +- strength, hue shift in +- strength."""
+    offset = _constant((1.0, 1.0, 1.0, 0.0), params)
+    return (2.0 * params[:, _P_FACTORS] - 1.0) * _constant(JITTER, params) + offset
+
+
+def _jitter_order(params: torch.Tensor) -> torch.Tensor:
+    """(N, 4) op index at each jitter position (a stable sort: ties order the same on every device)."""
+    return torch.argsort(params[:, _P_ORDER], dim=1, stable=True)
+
+
+def _blur_sigma(params: torch.Tensor) -> torch.Tensor:
+    return BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * params[:, _P_SIGMA]
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0.0, 255.0).to(torch.uint8)
+
+
 def _subset(mask: torch.Tensor) -> torch.Tensor | None:
     index = mask.nonzero().flatten()
     return index if len(index) else None
 
 
-def photometric(views: torch.Tensor, u: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
-    """uint8 (N, 3, S, S) views and their (N, UNIFORMS_PER_VIEW) uniforms -> augmented uint8 views."""
+def _photometric_subset(views: torch.Tensor, params: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """Each op on the index subset of views that draw it: least arithmetic, but it reads the choices
+    back to the host (fast on CPU, a synchronisation on an accelerator)."""
     views = views.clone()
-    if (idx := _subset(u[:, _FLIP] < cfg.flip_p)) is not None:
+    if (idx := _subset(params[:, _P_FLIP] < cfg.flip_p)) is not None:
         views[idx] = views[idx].flip(-1)
     x = views.to(torch.float32)
-    jitter = u[:, _JITTER] < cfg.jitter_p
-    strengths = torch.tensor(JITTER, dtype=torch.float64)
-    factors = (2.0 * u[:, _FACTORS] - 1.0) * strengths
-    factors[:, :3] += 1.0
-    factors = factors.to(torch.float32)
-    order = torch.argsort(u[:, _ORDER], dim=1)
+    jitter = params[:, _P_JITTER] < cfg.jitter_p
+    factors, order = _jitter_factors(params), _jitter_order(params)
     for position in range(4):
         for op, fn in enumerate(_JITTER_OPS):
             if (idx := _subset(jitter & (order[:, position] == op))) is not None:
                 x[idx] = fn(x[idx], factors[idx, op])
-    if (idx := _subset(u[:, _GRAY] < cfg.grayscale_p)) is not None:
+    if (idx := _subset(params[:, _P_GRAY] < cfg.grayscale_p)) is not None:
         x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
-    if (idx := _subset(u[:, _BLUR] < cfg.blur_p)) is not None:
-        sigma = (BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[idx, _SIGMA]).to(torch.float32)
-        x[idx] = gaussian_blur(x[idx], sigma)
-    out = x.round_().clamp_(0.0, 255.0).to(torch.uint8)
-    if (idx := _subset(u[:, _SOLARIZE] < cfg.solarize_p)) is not None:
+    if (idx := _subset(params[:, _P_BLUR] < cfg.blur_p)) is not None:
+        x[idx] = gaussian_blur(x[idx], _blur_sigma(params[idx]))
+    out = _to_uint8(x)
+    if (idx := _subset(params[:, _P_SOLARIZE] < cfg.solarize_p)) is not None:
         sub = out[idx]
         out[idx] = torch.where(sub >= 128, 255 - sub, sub)
+    return out
+
+
+def _photometric_blend(views: torch.Tensor, params: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """Each op on every view, kept where the view drew it (torch.where): no data-dependent shape and
+    nothing read back to the host, so it queues on an accelerator and compiles as one graph."""
+    def drawn(column: int, p: float) -> torch.Tensor:
+        return (params[:, column] < p).view(-1, 1, 1, 1)
+
+    views = torch.where(drawn(_P_FLIP, cfg.flip_p), views.flip(-1), views)
+    x = views.to(torch.float32)
+    jitter = drawn(_P_JITTER, cfg.jitter_p)
+    factors, order = _jitter_factors(params), _jitter_order(params)
+    for position in range(4):
+        op = order[:, position].view(-1, 1, 1, 1)
+        hue = jitter & (op == _HUE)
+        # One affine blend covers brightness, contrast and saturation: per view, its op's factor and target.
+        f = factors.gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1)
+        gray = _gray(x)
+        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+        towards = torch.where(op == _SATURATION, gray, torch.where(op == _CONTRAST, mean, 0.0))
+        affine = _affine(x, f, towards)
+        x = torch.where(hue, adjust_hue(x, factors[:, _HUE]), torch.where(jitter & (op != _HUE), affine, x))
+    x = torch.where(drawn(_P_GRAY, cfg.grayscale_p), _gray(x).expand(-1, 3, -1, -1), x)
+    x = torch.where(drawn(_P_BLUR, cfg.blur_p), gaussian_blur(x, _blur_sigma(params)), x)
+    out = _to_uint8(x)
+    return torch.where(drawn(_P_SOLARIZE, cfg.solarize_p) & (out >= 128), 255 - out, out)
+
+
+STRATEGIES = ("auto", "subset", "blend")
+
+
+def photometric(views: torch.Tensor, params: torch.Tensor, cfg: DataConfig, *, strategy: str = "auto") -> torch.Tensor:
+    """uint8 (N, 3, S, S) views and their (N, PHOTOMETRIC_PARAMS) float32 params -> augmented uint8
+    views, on the views' device. strategy: "subset" (index subsets), "blend" (no host-device
+    synchronisation) or "auto" (subset on CPU outside torch.compile, else blend); both give the
+    same views up to a rare rounding step."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        on_cpu = views.device.type == "cpu" and not torch.compiler.is_compiling()
+        strategy = "subset" if on_cpu else "blend"
+    run = _photometric_subset if strategy == "subset" else _photometric_blend
+    return run(views, params, cfg)
+
+
+def _photometric_chunked(flat: torch.Tensor, params: torch.Tensor, cfg: DataConfig,
+                         strategy: str = "auto") -> torch.Tensor:
+    """`photometric` over (N, 3, S, S) views; on CPU in chunks of PHOTOMETRIC_CHUNK floats (cache-sized)."""
+    if flat.device.type != "cpu":
+        return photometric(flat, params, cfg, strategy=strategy)
+    out = torch.empty_like(flat)
+    step = max(1, PHOTOMETRIC_CHUNK // (3 * flat.shape[-1] * flat.shape[-2]))
+    for start in range(0, len(flat), step):
+        out[start:start + step] = photometric(flat[start:start + step], params[start:start + step], cfg,
+                                              strategy=strategy)
+    return out
+
+
+_PARAM_KEYS = {"global": "global_params", "local": "local_params"}
+"""Batch key of each view group's photometric params (data.augment_on=device)."""
+
+
+def augment_views(batch: dict[str, torch.Tensor], cfg: DataConfig, *, strategy: str = "auto") -> dict[str, torch.Tensor]:
+    """The trainer's half of the views (data.augment_on=device): {"global": (B, G, 3, H, W) uint8,
+    "global_params": (B, G, PHOTOMETRIC_PARAMS) float32, optionally "local"/"local_params"} ->
+    the batch with the views photometrically augmented on their device and the params dropped."""
+    out = {key: value for key, value in batch.items() if key not in _PARAM_KEYS.values()}
+    for name, key in _PARAM_KEYS.items():
+        if key in batch:
+            views = batch[name]
+            params = batch[key].to(views.device).flatten(0, 1)
+            out[name] = _photometric_chunked(views.flatten(0, 1), params, cfg, strategy).view_as(views)
     return out
 
 
@@ -217,12 +337,18 @@ def decode_side(cfg: DataConfig) -> int:
 
 
 def multi_crop(images: Sequence[np.ndarray], ids: Sequence[str], cfg: DataConfig, *, seed: int,
-               epoch: int) -> dict[str, np.ndarray]:
+               epoch: int, photometric: bool = True) -> dict[str, np.ndarray]:
     """Decoded (H, W, 3) uint8 images (sizes may differ) -> {"global": (B, G, 3, Hg, Hg),
-    "local": (B, L, 3, Hl, Hl)} uint8, every random choice drawn from (seed, epoch, id)."""
+    "local": (B, L, 3, Hl, Hl)} uint8, every random choice drawn from (seed, epoch, id).
+
+    photometric=False (data.augment_on=device): the geometric crops only, plus the photometric params
+    the trainer applies them with (`augment_views`): "global_params" (B, G, PHOTOMETRIC_PARAMS)
+    float32 and "local_params" (B, L, PHOTOMETRIC_PARAMS) when L > 0.
+    """
     G, L = cfg.global_views, cfg.local_views
     B = len(images)
     u = view_uniforms(seed, epoch, ids, G + L)
+    params = photometric_params(u)
     heights = np.array([im.shape[0] for im in images], dtype=np.int64)
     widths = np.array([im.shape[1] for im in images], dtype=np.int64)
     scales = np.array([cfg.global_scale] * G + [cfg.local_scale] * L, dtype=np.float64).reshape(G + L, 2)
@@ -234,11 +360,12 @@ def multi_crop(images: Sequence[np.ndarray], ids: Sequence[str], cfg: DataConfig
             chw = as_chw(image)
             for v in range(count):
                 crops[b, v] = resize_crop(chw, boxes[b, first + v], size)
-        flat = crops.view(B * count, 3, size, size)
-        flat_u = torch.from_numpy(u[:, first:first + count].reshape(B * count, UNIFORMS_PER_VIEW))
-        step = max(1, PHOTOMETRIC_CHUNK // (3 * size * size))
-        for start in range(0, B * count, step):
-            flat[start:start + step] = photometric(flat[start:start + step], flat_u[start:start + step], cfg)
+        group_params = np.ascontiguousarray(params[:, first:first + count])
+        if count and photometric:
+            flat_params = torch.from_numpy(group_params.reshape(B * count, PHOTOMETRIC_PARAMS))
+            crops = _photometric_chunked(crops.flatten(0, 1), flat_params, cfg).view_as(crops)
+        elif count:
+            result[_PARAM_KEYS[name]] = group_params
         result[name] = crops.numpy()
     return result
 
