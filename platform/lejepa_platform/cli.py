@@ -2,7 +2,7 @@
 
 Each sub-command parses its arguments here and calls one function in the module that owns the
 work; that function returns a JSON-ready dict. `--json` prints it as JSON on stdout, otherwise it
-is rendered as indented text. Progress goes to stderr so stdout stays machine-readable.
+is rendered as YAML. Progress goes to stderr so stdout stays machine-readable.
 A `UserError` becomes one line on stderr and exit code 2; anything else is a bug and keeps its
 traceback.
 """
@@ -16,14 +16,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import yaml
+
 from lejepa_platform.config import EVAL_FEATURES
-from lejepa_platform.errors import RunFailed, UserError
+from lejepa_platform.errors import RunFailed, RunStopped, UserError
 
 Handler = Callable[[argparse.Namespace], dict]
 
 
 def _pretrain(args: argparse.Namespace) -> dict:
-    from lejepa_platform.train.launch import pretrain_from_cli
+    from lejepa_platform.run.launch import pretrain_from_cli
 
     return pretrain_from_cli(args.recipe, overrides=args.set, resume=args.resume, address=args.address,
                              quiet=args.json)
@@ -45,12 +47,20 @@ def _shards_inspect(args: argparse.Namespace) -> dict:
 def _bench(args: argparse.Namespace) -> dict:
     import importlib
 
+    e2e_options = {"seconds": args.seconds, "repeats": args.repeats, "workload": args.workload}
+    given = [f"--{name}" for name, value in e2e_options.items() if value is not None]
+    if given and args.which != "e2e":
+        raise UserError(f"{', '.join(given)}: only `lejepa bench e2e` takes this, not `lejepa bench {args.which}`")
+    if args.compile and args.which != "step":
+        raise UserError(f"--compile: only `lejepa bench step` takes this, not `lejepa bench {args.which}`")
     module = importlib.import_module(f"lejepa_platform.bench.{args.which}")
-    return module.run(quick=args.quick)
+    if args.which == "step":
+        return module.run(quick=args.quick, compile=args.compile)
+    return module.run(quick=args.quick, **e2e_options) if args.which == "e2e" else module.run(quick=args.quick)
 
 
 def _eval(args: argparse.Namespace) -> dict:
-    from lejepa_platform.evaluation import eval_from_cli
+    from lejepa_platform.run.evaluate import eval_from_cli
 
     return eval_from_cli(args.target, data=args.data, protocols=args.protocol, tracking_uri=args.tracking_uri,
                          features=args.features)
@@ -66,7 +76,7 @@ def _sweep(args: argparse.Namespace) -> dict:
 def _analyze(args: argparse.Namespace) -> dict:
     from lejepa_platform.sweep.analysis import analyze_from_cli
 
-    return analyze_from_cli(args.experiment, tracking_uri=args.tracking_uri, out=args.out)
+    return analyze_from_cli(args.experiment, tracking_uri=args.tracking_uri, out=args.out, quiet=args.json)
 
 
 def _cluster_check(args: argparse.Namespace) -> dict:
@@ -99,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards = sub.add_parser("shards", help="build and inspect Parquet image shards")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
     p = command("build", _shards_build, "turn an image source into Parquet shards", shards_sub)
-    p.add_argument("source", help="image folder, idx file, .npy/.npz, WebDataset tar(s) or builtin:NAME")
+    p.add_argument("source", help="image folder, idx file, .npy/.npz, WebDataset tar(s), Parquet (shards or the "
+                                  "Hugging Face Hub layout), a .csv/.jsonl list of image paths, or builtin:NAME")
     p.add_argument("out", help="output directory for the shards and manifest.json")
     p.add_argument("--rows-per-shard", type=int, default=4096)
     p.add_argument("--format", choices=("png", "jpeg", "keep"), default="keep",
@@ -113,13 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
 
     p = command("bench", _bench, "benchmarks against a baseline, printed as ratios")
-    p.add_argument("which", choices=("sigreg", "data", "step", "mfu"))
+    p.add_argument("which", choices=("sigreg", "data", "step", "mfu", "e2e"))
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    p.add_argument("--compile", action="store_true", help="step: train with the encoder compiled (train.compile)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="e2e: training time of each run (default: the embedded default's budget)")
+    p.add_argument("--repeats", type=int, default=None, help="e2e: alternating platform / bare pairs (default 3)")
+    p.add_argument("--workload", default=None,
+                   help="e2e: default (the embedded default's settings) or paper (2 x 224 + 6 x 96 views, small ViT)")
 
-    p = command("eval", _eval, "kNN / linear / few-shot evaluation of a frozen backbone")
+    p = command("eval", _eval, "kNN / linear / few-shot evaluation and label-free geometry of a frozen backbone")
     p.add_argument("target", help="MLflow run id or checkpoint directory")
-    p.add_argument("--data", required=True, help="labelled shard directory or builtin:NAME")
-    p.add_argument("--protocol", default="knn,linear", help="comma list of knn, linear, fewshot")
+    p.add_argument("--data", required=True,
+                   help="any source the platform reads; its manifest's train/test split, else a seeded one")
+    p.add_argument("--protocol", default=None,
+                   help="comma list of knn, linear, fewshot (default: knn,linear when the data has labels, "
+                        "else the label-free report alone)")
     p.add_argument("--features", choices=EVAL_FEATURES, default=None,
                    help="what the probes read (default: the run's eval.features)")
     p.add_argument("--tracking-uri", default=None)
@@ -142,29 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def render(value: Any, indent: int = 0) -> str:
-    """Indented `key: value` text for a nested JSON-ready value."""
-    pad = "  " * indent
-    if isinstance(value, dict):
-        lines = []
-        for key, sub in value.items():
-            if isinstance(sub, (dict, list)) and sub:
-                lines.append(f"{pad}{key}:")
-                lines.append(render(sub, indent + 1))
-            else:
-                lines.append(f"{pad}{key}: {_scalar(sub)}")
-        return "\n".join(lines)
-    if isinstance(value, list):
-        return "\n".join(
-            f"{pad}-\n{render(v, indent + 1)}" if isinstance(v, (dict, list)) else f"{pad}- {_scalar(v)}"
-            for v in value)
-    return f"{pad}{_scalar(value)}"
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+def render(value: Any) -> str:
+    """The human form of a JSON-ready result: block YAML in the result's key order, floats to 6
+    significant digits, anything JSON cannot hold as its string (as `--json` does)."""
+    plain = json.loads(json.dumps(value, default=str), parse_float=lambda text: float(f"{float(text):.6g}"))
+    return yaml.safe_dump(plain, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120).rstrip("\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as err:
         print(f"lejepa: run failed: {err}", file=sys.stderr)
         return 1
+    except RunStopped as err:
+        print(f"lejepa: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("lejepa: interrupted", file=sys.stderr)
         return 130

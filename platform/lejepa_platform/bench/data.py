@@ -1,5 +1,5 @@
 """`lejepa bench data`: the Ray Data pipeline against a torch DataLoader running the very same decode
-and augmentation code (reader.train_blocks) with the same number of CPU processes, on the same
+and augmentation code (stream.item_blocks) with the same number of CPU processes, on the same
 images, in one run.
 
 Workloads: (a) the paper's views (2 x 224 + 6 x 96) of synthetic 256 px JPEGs written by the bench;
@@ -10,6 +10,11 @@ is set-up (Ray: starting the cluster and its worker processes), both one-off cos
 Peak memory (PSS summed over the child's process tree: for Ray that includes the raylet, GCS and
 workers) is measured in a run of its own: sampling it reads every mapped page of every process,
 which cost the Ray side (a 2 GB object store mapped in each worker) 10-15 % of its throughput.
+
+Placement (data.augment_on): Ray Data also runs with the photometric half left to the trainer
+(`ray_device`: decode and geometric crops only, the params shipped with the rows). Its data-side
+cost is measured as above; the trainer's share, `views.augment_views` on delivered batches, is
+timed on the device a trainer here would use, so both placements' cost per image is in one run.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 GOAL = 1.0
 """Ray Data images/s over DataLoader images/s wanted on the realistic workload (a)."""
+PLACEMENT_GOAL = 0.25
+"""Data-side CPU per image with device placement over that with data placement, wanted on (a)."""
+TRAINER_BATCHES = 3
+"""Delivered batches the trainer's photometric half is timed on (device placement)."""
 
 
 def _processes() -> int:
@@ -127,11 +136,12 @@ def _warm_worker(batch: dict) -> dict:
     return batch
 
 
-def _ray_batches(cfg, epochs: int, batch: int, procs: int, clock: dict) -> Iterator[dict]:
+def _ray_batches(cfg, epochs: int, batch: int, procs: int, clock: dict, photometric: bool) -> Iterator[dict]:
     import ray
     from ray.data import DataContext
 
-    from lejepa_platform.data.pipeline import train_dataset
+    from lejepa_platform.data.pipeline import rank_dataset
+    from lejepa_platform.data.reader import plan_source
 
     ray.init(num_cpus=procs, include_dashboard=False, log_to_driver=False, object_store_memory=2 * 2**30)
     DataContext.get_current().enable_progress_bars = False
@@ -139,36 +149,34 @@ def _ray_batches(cfg, epochs: int, batch: int, procs: int, clock: dict) -> Itera
     try:
         ray.data.range(procs, override_num_blocks=procs).map_batches(_warm_worker).materialize()
         clock.update(ready=time.perf_counter(), cpu=_tree_cpu())
-        yield from train_dataset(cfg, seed=0, epochs=epochs).iter_torch_batches(batch_size=batch, drop_last=True)
+        stream = rank_dataset(plan_source(cfg.source, cfg.split), cfg, seed=0, epochs=epochs, photometric=photometric)
+        yield from stream.iter_torch_batches(batch_size=batch, drop_last=True)
         clock["cpu"] = _tree_cpu() - clock["cpu"]  # before shutdown, while the workers are there to count
     finally:
         ray.shutdown()
 
 
 class _UnitStream(IterableDataset):
-    """The same (epoch, unit) work items as the Ray pipeline; DataLoader worker k takes items k, k + n, ..."""
+    """The same work items as the Ray pipeline (data/stream.py); DataLoader worker k takes items k, k + n, ..."""
 
-    def __init__(self, cfg, epochs: int) -> None:
+    def __init__(self, cfg, epochs: int, photometric: bool) -> None:
         from lejepa_platform.data.reader import plan_source
 
-        self.cfg, self.epochs = cfg, epochs
+        self.cfg, self.epochs, self.photometric = cfg, epochs, photometric
         self.plan = plan_source(cfg.source, cfg.split)
 
     def __iter__(self) -> Iterator[dict]:
-        from lejepa_platform.data.reader import epoch_units, train_blocks
+        from lejepa_platform.data.stream import item_blocks, windows_per_epoch
 
         info = get_worker_info()
-        per_epoch = len(self.plan.units)
-        for item in range(info.id, self.epochs * per_epoch, info.num_workers):
-            epoch = item // per_epoch
-            unit = epoch_units(self.plan, 0, epoch)[item % per_epoch]
-            for block, _, _ in train_blocks(unit, self.plan, self.cfg, seed=0, epoch=epoch):
+        for item in range(info.id, self.epochs * windows_per_epoch(self.plan, self.cfg), info.num_workers):
+            for block, _, _ in item_blocks(self.plan, self.cfg, seed=0, index=item, photometric=self.photometric):
                 if block is not None:
                     yield {k: torch.from_numpy(v) for k, v in block.items()}
 
 
-def _loader_batches(cfg, epochs: int, batch: int, procs: int, clock: dict) -> Iterator[dict]:
-    loader = DataLoader(_UnitStream(cfg, epochs), batch_size=None, num_workers=procs, prefetch_factor=4)
+def _loader_batches(cfg, epochs: int, batch: int, procs: int, clock: dict, photometric: bool) -> Iterator[dict]:
+    loader = DataLoader(_UnitStream(cfg, epochs, photometric), batch_size=None, num_workers=procs, prefetch_factor=4)
     clock.update(ready=time.perf_counter(), cpu=_tree_cpu())
     pending: list[dict] = []
     held = 0
@@ -183,32 +191,67 @@ def _loader_batches(cfg, epochs: int, batch: int, procs: int, clock: dict) -> It
     clock["cpu"] = _tree_cpu() - clock["cpu"]  # the finished workers are reaped: their time is in ours
 
 
+def _trainer_photometric(batches: list[dict], cfg) -> dict:
+    """The trainer's share of device placement: `augment_views` on delivered batches, after one
+    warm-up call, on the device a trainer here would use. CUDA when present (wall time, synchronised);
+    else this CPU with one torch thread, counting the CPU time it takes (core-milliseconds, as the
+    data side is counted; a busy machine does not inflate it). The host-to-device copy is not timed:
+    the trainer makes it in either placement."""
+    from lejepa_platform.data.views import augment_views
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    on_device = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    augment_views(on_device[0], cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = clock()
+    for batch in on_device:
+        augment_views(batch, cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    images = sum(len(batch["global"]) for batch in on_device)
+    return {"trainer_device": device.type,
+            "trainer_photometric_ms_per_image": round(1000 * (clock() - start) / images, 3)}
+
+
 def _measure(spec: dict) -> dict:
     """Run one pipeline: throughput, or (spec["memory"]) peak memory. Set-up ends once the pipeline
     can start (Ray: cluster up, worker processes warm); the first batch's latency is counted from
     there; throughput from the first batch to the last. CPU time is summed over the whole process
-    tree (Ray's raylet and GCS included) from the end of set-up to the last batch."""
+    tree (Ray's raylet and GCS included) from the end of set-up to the last batch. Bytes per image:
+    every column of the delivered rows (for Ray, what its blocks hold in the object store). With
+    device placement the trainer's photometric half is timed after the stream has ended."""
     from lejepa_platform.config import DataConfig
 
     cfg = DataConfig(**spec["cfg"])
+    photometric = spec["placement"] == "data"
     memory = _PeakMemory() if spec["memory"] else None
     if memory:
         memory.start()
     launched = time.perf_counter()
     clock: dict[str, float] = {}
     source = _ray_batches if spec["pipeline"] == "ray" else _loader_batches
-    images, first, first_images = 0, 0.0, 0
-    for batch in source(cfg, spec["epochs"], spec["batch"], spec["procs"], clock):
+    images, first, first_images, shipped = 0, 0.0, 0, 0
+    kept: list[dict] = []
+    for batch in source(cfg, spec["epochs"], spec["batch"], spec["procs"], clock, photometric):
         assert batch["global"].shape[1:] == (cfg.global_views, 3, cfg.global_size, cfg.global_size)
+        assert ("global_params" in batch) is not photometric
         images += len(batch["label"])
+        shipped += sum(column.nbytes for column in batch.values())
+        if not photometric and len(kept) < TRAINER_BATCHES:
+            kept.append(batch)
         if not first:
             first, first_images = time.perf_counter(), images
     end = time.perf_counter()
     if memory:
         return {"peak_mem_mb": round(memory.finish() / 2**20)}
     return {"images": images, "images_per_s": round((images - first_images) / (end - first), 1),
-            "cpu_ms_per_image": round(1000 * clock["cpu"] / images, 2),
-            "setup_s": round(clock["ready"] - launched, 2), "first_batch_s": round(first - clock["ready"], 2)}
+            "cpu_ms_per_image": round(1000 * clock["cpu"] / images, 2), "bytes_per_image": round(shipped / images),
+            "setup_s": round(clock["ready"] - launched, 2), "first_batch_s": round(first - clock["ready"], 2),
+            **(_trainer_photometric(kept, cfg) if kept else {})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,37 +267,69 @@ def _child(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+RUNS = {"ray": ("ray", "data"), "dataloader": ("dataloader", "data"), "ray_device": ("ray", "device")}
+"""Each measured run: (pipeline, placement of the photometric half)."""
+
+
+def _placement(run: dict) -> dict:
+    """One placement's costs. CPU cores per 1,000 images/s: data-side CPU ms per image, plus the
+    trainer's photometric ms when its device is this CPU (then it costs CPU too)."""
+    trainer_ms = run.get("trainer_photometric_ms_per_image", 0.0)
+    on_cpu = run.get("trainer_device", "cpu") == "cpu"
+    return {"images_per_s": run["images_per_s"], "data_cpu_ms_per_image": run["cpu_ms_per_image"],
+            "object_store_bytes_per_image": run["bytes_per_image"],
+            "trainer_photometric_ms_per_image": trainer_ms, "trainer_device": run.get("trainer_device"),
+            "cpu_cores_per_1000_images_per_s": round(run["cpu_ms_per_image"] + (trainer_ms if on_cpu else 0.0), 2)}
+
+
 def _compare(name: str, views: str, cfg: dict, epochs: int, batch: int, procs: int, rounds: int) -> dict:
-    """Throughput runs of each pipeline `rounds` times in ABBA order (a drift in machine load
+    """Throughput runs of each of RUNS `rounds` times in ABBA order (a drift in machine load
     cancels; means reported), then one memory run of each."""
     print(f"bench data: {name} ({views}), {procs} processes each", file=sys.stderr)
     spec = {"cfg": cfg, "epochs": epochs, "batch": batch, "procs": procs, "memory": False}
-    order = ["ray", "dataloader", "dataloader", "ray"] * (rounds // 2) + ["ray", "dataloader"] * (rounds % 2)
-    runs: dict[str, list[dict]] = {"ray": [], "dataloader": []}
-    for pipeline in order:
-        runs[pipeline].append(_child({**spec, "pipeline": pipeline}))
-    memory = {pipeline: _child({**spec, "pipeline": pipeline, "memory": True}) for pipeline in runs}
+    names = list(RUNS)
+    order = (names + names[::-1]) * (rounds // 2) + names * (rounds % 2)
+    runs: dict[str, list[dict]] = {run: [] for run in names}
+
+    def child(run: str, memory: bool) -> dict:
+        pipeline, placement = RUNS[run]
+        return _child({**spec, "pipeline": pipeline, "placement": placement, "memory": memory})
+
+    for run in order:
+        runs[run].append(child(run, False))
+    memory = {run: child(run, True) for run in names}
     summary = {}
-    for pipeline, results in runs.items():
-        summary[pipeline] = {
+    for run, results in runs.items():
+        trainer = {"trainer_device": results[0]["trainer_device"]} if "trainer_device" in results[0] else {}
+        if trainer:
+            trainer["trainer_photometric_ms_per_image"] = round(
+                float(np.mean([r["trainer_photometric_ms_per_image"] for r in results])), 3)
+        summary[run] = {
             "images": results[0]["images"],
             "images_per_s": round(float(np.mean([r["images_per_s"] for r in results])), 1),
             "each_run_images_per_s": [r["images_per_s"] for r in results],
             "cpu_ms_per_image": round(float(np.mean([r["cpu_ms_per_image"] for r in results])), 2),
+            "bytes_per_image": results[0]["bytes_per_image"],
             "setup_s": max(r["setup_s"] for r in results),
             "first_batch_s": max(r["first_batch_s"] for r in results),
-            **memory[pipeline]}
+            **trainer, **memory[run]}
     ray, loader = summary["ray"], summary["dataloader"]
     ratio = ray["images_per_s"] / max(loader["images_per_s"], 1e-9)
+    placement = {"data": _placement(ray), "device": _placement(summary["ray_device"])}
+    cpu_share = placement["device"]["data_cpu_ms_per_image"] / max(placement["data"]["data_cpu_ms_per_image"], 1e-9)
     print(f"bench data: {name}: ray {ray['images_per_s']} img/s, dataloader {loader['images_per_s']} img/s, "
-          f"ratio {ratio:.2f}", file=sys.stderr)
+          f"ratio {ratio:.2f}; data-side CPU per image with device placement {cpu_share:.2f}x the data "
+          f"placement's", file=sys.stderr)
     return {"views": views, "epochs": epochs, "batch": batch, **summary, "ratio": round(ratio, 3),
-            "cpu_ratio": round(loader["cpu_ms_per_image"] / max(ray["cpu_ms_per_image"], 1e-9), 3)}
+            "cpu_ratio": round(loader["cpu_ms_per_image"] / max(ray["cpu_ms_per_image"], 1e-9), 3),
+            "placement": {**placement, "data_cpu_device_over_data": round(cpu_share, 3)}}
 
 
 def run(quick: bool = False) -> dict:
-    """Both workloads, Ray Data vs DataLoader; JSON-ready. ratio: images/s of Ray over the
-    DataLoader's; cpu_ratio: the DataLoader's CPU time per image over Ray's (> 1: Ray spends less)."""
+    """Both workloads, Ray Data vs DataLoader and data vs device placement; JSON-ready. ratio:
+    images/s of Ray over the DataLoader's; cpu_ratio: the DataLoader's CPU time per image over
+    Ray's (> 1: Ray spends less); placement.data_cpu_device_over_data: Ray's data-side CPU time per
+    image with the photometric half on the trainer's device over that with it in Ray Data."""
     from lejepa_platform.data.shards import build_shards
 
     procs = _processes()
@@ -272,8 +347,11 @@ def run(quick: bool = False) -> dict:
             "b_builtin_4x32": _compare("b", "4 x 32, no local", small, 1 if quick else 4, 256, procs, rounds),
         }
     ratio = results["a_paper_views_256px_jpeg"]["ratio"]
+    cpu_share = results["a_paper_views_256px_jpeg"]["placement"]["data_cpu_device_over_data"]
     return {"processes": procs, "load_average_1m": [round(load, 2), round(os.getloadavg()[0], 2)], "quick": quick,
-            "images_a": count, "workloads": results, "goal": f"ratio >= {GOAL} on (a)", "goal_met": ratio >= GOAL}
+            "images_a": count, "workloads": results, "goal": f"ratio >= {GOAL} on (a)", "goal_met": ratio >= GOAL,
+            "placement_goal": f"data-side CPU per image, device over data placement, <= {PLACEMENT_GOAL} on (a)",
+            "placement_goal_met": cpu_share <= PLACEMENT_GOAL}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lejepa_platform.config import RunConfig, from_dict, set_values, to_dict
+from lejepa_platform.config import RunConfig, to_dict
+from lejepa_platform.overrides import from_dict, set_values
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.ray_env import JOB_ENV_VARS, init_ray, job_env_vars
 
@@ -112,12 +113,14 @@ def _plain_main() -> None:
     print(json.dumps(_plain_loop(request["run"], request["steps"], request["threads"])))
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, compile: bool = False) -> dict[str, Any]:
+    """compile: both sides train with train.compile on (the encoder compiled; warm-up steps absorb
+    the compilation)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = set_values(default_run_config(), {"train.probe": False})
+    cfg = set_values(default_run_config(), {"train.probe": False, "train.compile": compile})
     steps = 12 if quick else 40
     threads = cfg.train.torch_threads or 1
     batch = cfg.data.batch_size
@@ -141,6 +144,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "bench": "step",
         "workload": {"backbone": cfg.model.backbone, "batch_size": batch, "views": f"{cfg.data.global_views} x {cfg.data.global_size}px",
                      "measured_steps": steps - WARMUP, "torch_threads": threads},
+        "compile": cfg.train.compile,
         "process_settings": {"plain": plain_settings, "ray_train": ray_side["process_settings"]},
         "plain_images_per_s": round(plain, 1),
         "plain_runs_images_per_s": [round(plain_before, 1), round(plain_after, 1)],
