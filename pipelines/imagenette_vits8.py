@@ -19,7 +19,7 @@ def config() -> RunConfig:
                           proj_hidden_dim=2048, proj_layers=3, proj_dim=16, proj_norm="batchnorm"),
         loss=LossConfig(lam=0.02, num_slices=256),
         data=DataConfig(source="shards/imagenette", split="all", global_views=4, global_size=128,
-                        global_scale=(0.08, 1.0), local_views=0, batch_size=batch, shuffle_buffer=4096),
+                        global_scale=(0.08, 1.0), local_views=0, batch_size=batch, shuffle_buffer=2048),
         train=TrainConfig(steps=epochs * IMAGENETTE_TRAIN_IMAGES // batch, lr=2e-3, weight_decay=0.05,
                           warmup_frac=0.02, workers=1, use_gpu=True, cpus_per_worker=8, precision="bf16",
                           log_every=50, checkpoint_every=1000),

@@ -20,7 +20,7 @@ def config() -> RunConfig:
         loss=LossConfig(lam=0.05, num_slices=1024),
         data=DataConfig(source="s3://BUCKET/shards/in1k", split="all", global_views=2, global_size=224,
                         global_scale=(0.3, 1.0), local_views=6, local_size=96, local_scale=(0.05, 0.3),
-                        batch_size=batch, shuffle_buffer=16384),
+                        batch_size=batch, shuffle_buffer=4096),
         train=TrainConfig(steps=epochs * IN1K_TRAIN_IMAGES // batch, lr=5e-4, weight_decay=0.05, warmup_frac=0.1,
                           workers=16, use_gpu=True, cpus_per_worker=8, precision="bf16", log_every=50,
                           checkpoint_every=2000, keep_checkpoints=3, max_failures=10,

@@ -1,9 +1,10 @@
-"""Run configuration as frozen dataclasses.
+"""Run configuration as frozen dataclasses: the schema.
 
-A recipe builds a `RunConfig`; `--set section.field=value` derives a new one with
-`apply_overrides` (never mutation). Every section validates itself in `__post_init__` and raises
-`ConfigError` naming the field and what is allowed, so bad input fails before any worker starts.
-Derived values (per-worker batch, warmup steps) are functions here, logged, never written back.
+A recipe builds a `RunConfig`; `--set section.field=value` derives a new one (never mutation)
+through `overrides.py`, which also turns stored dicts back into configs. Every section validates
+itself in `__post_init__` and raises `ConfigError` naming the field and what is allowed, so bad
+input fails before any worker starts. Derived values (per-worker batch, warmup steps) are
+functions here, logged, never written back.
 """
 
 from __future__ import annotations
@@ -11,18 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
-import typing
-from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
-from lejepa_platform.errors import UserError
+from lejepa_platform.errors import ConfigError
+from lejepa_platform.overrides import check_key
 
-
-class ConfigError(UserError):
-    """A config value or key that is not allowed."""
-
-
+AUGMENT_ON = ("auto", "data", "device")
+"""Where photometric view augmentation may run (DataConfig.augment_on)."""
 EVAL_FEATURES = ("embedding", "embedding+patch_mean")
 """What frozen-feature probes can read (eval/features.py)."""
 
@@ -111,8 +108,18 @@ class DataConfig:
     batch_size: int = 256
     """Global batch size: images per optimizer step summed over all workers."""
     shuffle_buffer: int = 256
-    """Rows in each worker's local shuffle buffer (0 disables it); shard order is shuffled per epoch too.
-    Memory: rows x views x pixels x 3 bytes (the paper's 2 x 224 + 6 x 96 views are ~0.47 MB a row)."""
+    """Rows shuffled together, a pure function of (seed, epoch): each epoch permutes the source's units
+    (a few hundred rows each), reads consecutive units holding at least this many rows as one window
+    and permutes its rows. Memory: the window's encoded images, in one Ray Data task."""
+    prefetch_batches: int = 8
+    """Batches of views each rank's stream may hold ahead of its trainer: the data side works at the
+    trainer's pace instead of spending CPU and object store on views a time-budgeted run never uses
+    (0: as far ahead as Ray Data's own object-store budget allows)."""
+    augment_on: str = "auto"
+    """Where the photometric half of the views (flip, colour jitter, grayscale, blur, solarize) runs:
+    "data" (Ray Data tasks, on CPU), "device" (the trainer, after the host-to-device copy; the data
+    side only decodes and crops) or "auto" ("device" when train.use_gpu, else "data"). Both give the
+    same views for the same (seed, epoch, record id)."""
     max_image_pixels: int = 50_000_000
     """Images whose header claims more pixels are skipped as decompression bombs."""
 
@@ -131,6 +138,9 @@ class DataConfig:
             _require(0.0 <= p <= 1.0, f"data.{name}", "a probability in [0, 1]", p)
         _require(self.batch_size >= 2, "data.batch_size", ">= 2", self.batch_size)
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
+        _require(self.prefetch_batches >= 0, "data.prefetch_batches", ">= 0 (0: Ray Data's default)",
+                 self.prefetch_batches)
+        _require(self.augment_on in AUGMENT_ON, "data.augment_on", f"one of {', '.join(AUGMENT_ON)}", self.augment_on)
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", ">= 1", self.max_image_pixels)
 
     @property
@@ -165,6 +175,8 @@ class TrainConfig:
     """torch intra-op threads per worker; 0 means the worker's CPU reservation, rounded up."""
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    compile: bool = False
+    """Compile the encoder with torch.compile (CPU needs a C compiler; the first steps pay for it)."""
     log_every: int = 10
     """Steps between metric reports."""
     checkpoint_every: int = 100
@@ -217,7 +229,8 @@ class TrackConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Frozen-feature evaluation run after pretraining when the data has labels."""
+    """Evaluation run after pretraining: frozen-feature probes when the data has labels, the
+    label-free geometry (SIGReg, RankMe, spectrum) of pretrained vs random init always."""
 
     enabled: bool = True
     """Evaluate the final backbone (and the same backbone at random init) after pretraining."""
@@ -225,6 +238,9 @@ class EvalConfig:
     """Protocols to run: any of linear, knn, fewshot."""
     eval_size: int = 0
     """Side in pixels of evaluation images; 0 means data.global_size."""
+    data: str = ""
+    """Labelled source the end-of-run evaluation probes on (any source the platform reads); empty
+    means data.source. Its manifest's split is used, or a seeded one when it has none."""
     features: str = "embedding+patch_mean"
     """What the probes read: "embedding" (the backbone's pooled output) or "embedding+patch_mean"
     (ViTs: that and the mean patch token, concatenated; other backbones: the embedding).
@@ -317,15 +333,20 @@ def per_worker_batch_size(cfg: RunConfig) -> int:
     return cfg.data.batch_size // cfg.train.workers
 
 
+def augment_placement(cfg: RunConfig) -> str:
+    """Where photometric augmentation runs for this run: "data" or "device" (data.augment_on resolved)."""
+    if cfg.data.augment_on == "auto":
+        return "device" if cfg.train.use_gpu else "data"
+    return cfg.data.augment_on
+
+
 def warmup_steps(cfg: RunConfig) -> int:
     """Linear-warmup length in optimizer steps."""
     return int(round(cfg.train.warmup_frac * cfg.train.steps))
 
 
 # --------------------------------------------------------------------------------------------
-# Dict round trip, flattening and overrides.
-
-C = TypeVar("C")
+# Plain dicts out (checkpoints, MLflow params); `overrides.from_dict` reads them back.
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -346,138 +367,3 @@ def flatten(cfg: Any) -> dict[str, Any]:
 
     walk("", dict(cfg) if isinstance(cfg, Mapping) else to_dict(cfg))
     return out
-
-
-def from_dict(cls: type[C], data: Mapping[str, Any], *, prefix: str = "") -> C:
-    """Build `cls` from a nested mapping, checking every key and type."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key {path!r}; allowed: {', '.join(sorted(names))}")
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
-
-
-def apply_overrides(cfg: C, overrides: Iterable[str]) -> C:
-    """Return a new config with each `dotted.key=value` (command-line text) applied in order."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
-        key, raw = item.split("=", 1)
-        cfg = _override(cfg, key.strip().split("."), raw, key.strip(), from_text=True)
-    return cfg
-
-
-def set_values(cfg: C, values: Mapping[str, Any]) -> C:
-    """Return a new config with Python values set by dotted key (sweeps use this per trial)."""
-    for key, value in values.items():
-        cfg = _override(cfg, key.split("."), value, key, from_text=False)
-    return cfg
-
-
-def check_key(cls: type, key: str) -> None:
-    """Raise ConfigError unless `key` names a field (or a backbone_kwargs entry) of `cls`."""
-    _override(cls(), key.split("."), None, key, from_text=False, dry_run=True)
-
-
-def _override(cfg: Any, parts: list[str], raw: Any, path: str, *, from_text: bool, dry_run: bool = False) -> Any:
-    names = {f.name: f for f in dataclasses.fields(cfg)}
-    head = parts[0]
-    if head not in names:
-        where = path[: len(path) - len(".".join(parts))].rstrip(".") or "config"
-        raise ConfigError(f"unknown config key {path!r}; {where} has: {', '.join(sorted(names))}")
-    current = getattr(cfg, head)
-    hint = typing.get_type_hints(type(cfg))[head]
-    if dataclasses.is_dataclass(current):
-        if len(parts) == 1:
-            raise ConfigError(f"{path!r} is a section; set one of its fields, e.g. {path}.{next(iter(names))}")
-        sub = _override(current, parts[1:], raw, path, from_text=from_text, dry_run=dry_run)
-        return cfg if dry_run else dataclasses.replace(cfg, **{head: sub})
-    if isinstance(current, dict) and len(parts) > 1:
-        if dry_run:
-            return cfg
-        new = dict(current)
-        new[".".join(parts[1:])] = _parse_scalar(raw) if from_text else raw
-        return dataclasses.replace(cfg, **{head: new})
-    if len(parts) > 1:
-        raise ConfigError(f"unknown config key {path!r}: {'.'.join(path.split('.')[:-len(parts) + 1])} is not a section")
-    if dry_run:
-        return cfg
-    value = _parse_text(raw, hint) if from_text else raw
-    return dataclasses.replace(cfg, **{head: _coerce(value, hint, path)})
-
-
-def _parse_scalar(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def _parse_text(raw: str, hint: Any) -> Any:
-    """Turn command-line text into a Python value guided by the field's type."""
-    origin = typing.get_origin(hint)
-    if hint is str:
-        return raw
-    if hint is bool:
-        low = raw.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        return raw
-    if origin is tuple:
-        text = raw.strip()
-        if text.startswith("["):
-            return _parse_scalar(text)
-        return [_parse_scalar(part.strip()) for part in text.split(",") if part.strip()]
-    return _parse_scalar(raw)
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check `value` against the annotation and convert lossless cases (int -> float, list -> tuple)."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else from_dict(hint, value, prefix=f"{path}.")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path} must be a string, got {value!r}")
-    if hint is dict or origin is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise ConfigError(f"{path} must be a mapping, got {value!r}")
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], path) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{path} must have {len(args)} items, got {value!r}")
-        return tuple(_coerce(v, a, path) for v, a in zip(value, args))
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path} has the wrong type: {value!r}")
-    return value

@@ -2,19 +2,14 @@
 
 A small ViT (4 blocks, width 96, patch 8) on 32 px views of builtin:fashion-mnist-10k, sized to
 finish on 2 CPU cores within 5 minutes, start-up and evaluation included, and still beat random init
-clearly. Up to 640 steps, but at most 200 s of training (`train.time_budget_s`): about 65 s of
-start-up (~25 s until the first step) and evaluation (~30 s) come on top, and this 2-core VM's speed
-varies (the plain loop of `lejepa bench step` ran at 419 to 547 img/s within two hours), so a fixed
-step count alone finished in 4 min 34 s on one run and 5 min 40 s on another. On a fast machine the
-budget hardly binds (640 steps took about 200 s in the fastest runs); on a slow one the schedule
-reaches its end in fewer steps. Two torch threads although the worker holds one CPU: views of 28 px
-images cost Ray Data about 0.6 ms of CPU each, so the data side needs a fifth of a core on average,
-and the step runs at about 440 img/s instead of about 210 with one thread. No blur: at 28 px it
-erases the garment's detail. Tried at this budget without a clear gain (single-process runs of the
-same code, one seed each, within the +-0.7 points that runs differ by): 2 views and twice the steps,
-batch 64 and twice the steps, lam 0.1, crop scale (0.4, 1), no solarisation, projector to 16 dims, 2
-global + 4 local 16 px views. pipelines/default.py returns this same config, so the recipe and the
-built-in default cannot drift apart.
+clearly. Up to 640 steps but a training-time budget too (`train.time_budget_s`): the speed of a
+small shared machine varies from run to run, and with the budget a slower machine runs fewer steps
+of the same whole schedule instead of running late. Two torch threads although the worker holds
+one CPU: the data side needs only a fraction of a core for views this small, and a second thread
+nearly doubles the step rate. No blur: at 28 px it erases the garment's detail. The measurements
+behind these choices, and what was tried without a clear gain, are in docs/performance.md.
+pipelines/default.py returns this same config, so the recipe and the built-in default cannot drift
+apart.
 """
 
 from __future__ import annotations

@@ -316,9 +316,10 @@ def local_cluster(**kwargs: Any) -> Iterator[RayCluster]:
 
 _PRETRAIN = """
 import json, sys
-from lejepa_platform.config import RunConfig, from_dict
+from lejepa_platform.config import RunConfig
+from lejepa_platform.overrides import from_dict
 from lejepa_platform.errors import RunFailed
-from lejepa_platform.train.launch import pretrain
+from lejepa_platform.run.launch import pretrain
 args = json.loads(sys.argv[1])
 try:
     result = pretrain(from_dict(RunConfig, args["config"]), resume=args["resume"], address=args["address"], quiet=True)
@@ -384,6 +385,41 @@ def registered_checkpoint_steps(run_dir: Path) -> list[int]:
     except (OSError, ValueError):  # not written yet, or being replaced
         return []
     return [int(result["metrics"]["step"]) for result in snapshot.get("checkpoint_results", [])]
+
+
+def kill_workers_after(run_dir: Path, min_steps: list[int], killed: list[int]) -> threading.Thread:
+    """For each step in `min_steps`, in order: once Ray Train has registered a checkpoint at >= that
+    step, SIGKILL one live Train worker of this process's cluster (pids appended to `killed`).
+
+    Workers are looked up when the checkpoint is there, so a restarted group's new workers are found
+    (the state API may still list a torn-down worker as alive: pids that no longer exist are skipped).
+    """
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # other Ray clusters may run on this machine
+
+    def live_workers() -> list[int]:
+        actors = list_actors(address=address, raise_on_missing_output=False,
+                             filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        return [a.pid for a in actors if a.pid not in killed and Path(f"/proc/{a.pid}").exists()]
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        pending = list(min_steps)
+        while time.monotonic() < deadline and pending:
+            if any(s >= pending[0] for s in registered_checkpoint_steps(run_dir)):
+                for pid in reversed(live_workers()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        pending.pop(0)
+                        break
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 @contextlib.contextmanager

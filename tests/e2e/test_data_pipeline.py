@@ -1,12 +1,13 @@
 """The Ray Data pipeline on a real local cluster: exact row counts per epoch and split, reproducible
-views, bad records skipped and counted without failing a task, folders and tars read directly,
-and the stream split across two consumers the way TorchTrainer workers receive it."""
+views in a fixed order, bad records skipped and counted without failing a task, folders and tars
+read directly, ranks reading disjoint parts, a stream resumed at a position, and a stream that
+stays a bounded distance ahead of a slow consumer."""
 
 import hashlib
 import io
 import logging
 import tarfile
-import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -16,8 +17,9 @@ import pytest
 import torch
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data.evalset import load_eval_set
-from lejepa_platform.data.pipeline import DataStats, count_rows, eval_dataset, train_dataset
+from lejepa_platform.data.pipeline import DataStats, prefetch_bytes, rank_dataset, stream_block_rows
+from lejepa_platform.data.reader import plan_source, view_bytes
+from lejepa_platform.data.stream import StreamPosition
 from lejepa_platform.data.shards import build_shards
 from lejepa_platform.data.views import normalize
 from lejepa_platform.errors import UserError
@@ -40,8 +42,20 @@ def config(source, **kw):
     return DataConfig(**{**base, **kw})
 
 
+def train_stream(cfg, **kw):
+    return rank_dataset(plan_source(cfg.source, cfg.split), cfg, **kw)
+
+
+def count_rows(cfg):
+    return plan_source(cfg.source, cfg.split).rows
+
+
 def blocks(ds):
     return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def column(batches, key):
+    return np.concatenate([b[key] for b in batches])
 
 
 def view_hashes(batches):
@@ -51,19 +65,22 @@ def view_hashes(batches):
 def test_epochs_splits_shapes_and_reproducible_views(ray_cluster, small):
     cfg = config(small)
     assert count_rows(cfg) == 45 and count_rows(config(small, split="test")) == 15
-    two = blocks(train_dataset(cfg, seed=0, epochs=3, start_epoch=1))
+    two = blocks(train_stream(cfg, seed=0, epochs=2))
     labels = np.concatenate([b["label"] for b in two])
     assert len(labels) == 90  # two epochs of the 45 train rows, nothing else
-    first = blocks(train_dataset(cfg, seed=0, epochs=2, start_epoch=1))
+    again = blocks(train_stream(cfg, seed=0, epochs=2))
+    for key in ("global", "local", "label", "uid", "item", "row"):
+        assert np.array_equal(column(two, key), column(again, key)), key  # same rows, same order
+    first = blocks(train_stream(cfg, seed=0, epochs=1))
     train_labels = Counter(np.concatenate([b["label"] for b in first]).tolist())
     assert Counter(labels.tolist()) == Counter({k: 2 * v for k, v in train_labels.items()})
     b = two[0]
     assert b["global"].shape[1:] == (2, 3, 32, 32) and b["global"].dtype == np.uint8
     assert b["local"].shape[1:] == (2, 3, 16, 16) and b["label"].dtype == np.int64
     both, one = view_hashes(two), view_hashes(first)
-    assert sum(one.values()) == 45 and both & one == one  # epoch 1 again: the very same views
-    assert sum((both - one).values()) == 45 and not set(both - one) & set(one)  # epoch 2: all new views
-    test = blocks(train_dataset(config(small, split="test", local_views=0), seed=0, epochs=1))
+    assert sum(one.values()) == 45 and both & one == one  # epoch 0 again: the very same views
+    assert sum((both - one).values()) == 45 and not set(both - one) & set(one)  # epoch 1: all new views
+    test = blocks(train_stream(config(small, split="test", local_views=0), seed=0, epochs=1))
     assert sum(len(x["label"]) for x in test) == 15 and "local" not in test[0]
 
 
@@ -87,7 +104,7 @@ def test_bad_records_are_skipped_counted_and_logged_once(ray_cluster, tmp_path, 
     expected = bad_shard(tmp_path / "bad", fmnist_sample, image_tools)
     stats = DataStats()
     cfg = config(tmp_path / "bad", split="all", global_views=4, local_views=0)
-    got = blocks(train_dataset(cfg, seed=0, epochs=1, stats=stats))
+    got = blocks(train_stream(cfg, seed=0, epochs=1, stats=stats))
     assert Counter(np.concatenate([b["label"] for b in got]).tolist()) == expected  # exactly the 94 good ones
     with caplog.at_level(logging.INFO, logger="lejepa_platform.data"):
         summary = stats.log_summary()
@@ -102,51 +119,59 @@ def test_bad_records_are_skipped_counted_and_logged_once(ray_cluster, tmp_path, 
     assert not [t for t in failed if "_train_udf" in (t.name or "")]
 
 
-def test_two_consumers_get_disjoint_torch_batches(ray_cluster, small):
-    cfg = config(small, local_views=0)
-    parts = train_dataset(cfg, seed=1, epochs=1).streaming_split(2, equal=True)
-    seen = [[], []]
+def test_ranks_read_disjoint_parts_and_resume_at_their_position(ray_cluster, small):
+    cfg = config(small, local_views=0, shuffle_buffer=1)
+    parts = [blocks(train_stream(cfg, seed=1, epochs=2, rank=r, world=2)) for r in (0, 1)]
+    uids = [column(p, "uid") for p in parts]
+    assert len(uids[0]) + len(uids[1]) == 90 and Counter(np.concatenate(uids).tolist()) == Counter(
+        {uid: 2 for uid in set(np.concatenate(uids).tolist())})  # every image twice: once per epoch
+    items = [set(column(p, "item").tolist()) for p in parts]
+    assert not items[0] & items[1] and {i % 2 for i in items[1]} == {1}
+    whole = parts[1]
+    cut = 20  # somewhere inside an item: resume after the row at index cut - 1
+    item, row = int(column(whole, "item")[cut - 1]), int(column(whole, "row")[cut - 1])
+    rest = blocks(train_stream(cfg, seed=1, epochs=2, rank=1, world=2, position=StreamPosition().after(item, row)))
+    for key in ("global", "label", "uid", "item", "row"):
+        assert np.array_equal(column(rest, key), column(whole, key)[cut:]), key
+    for batch in train_stream(cfg, seed=1, epochs=1).iter_torch_batches(batch_size=4, drop_last=True):
+        assert batch["global"].shape == (4, 2, 3, 32, 32) and batch["global"].dtype == torch.uint8
+        assert normalize(batch["global"]).dtype == torch.float32
 
-    def consume(rank):
-        for batch in parts[rank].iter_torch_batches(batch_size=4, drop_last=True, local_shuffle_buffer_size=16):
-            assert batch["global"].shape == (4, 2, 3, 32, 32) and batch["global"].dtype == torch.uint8
-            assert normalize(batch["global"]).dtype == torch.float32
-            seen[rank].append(batch["label"])
 
-    threads = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    # 45 rows split evenly (22 each), then whole batches of 4 only.
-    assert [sum(len(x) for x in s) for s in seen] == [20, 20]
+def test_the_stream_stays_a_bounded_distance_ahead_of_a_slow_consumer(ray_cluster):
+    cfg = DataConfig(global_views=4, global_size=32, local_views=0, batch_size=128, prefetch_batches=4)
+    ahead = {}
+    for bounded in (True, False):
+        stats = DataStats()
+        stream = train_stream(cfg, seed=0, epochs=4, per_worker=128, bounded=bounded, stats=stats)
+        batches = iter(stream.iter_torch_batches(batch_size=128, prefetch_batches=1))
+        consumed = sum(len(next(batches)["uid"]) for _ in range(4))
+        time.sleep(6)  # a slow trainer: the data side has to wait for it
+        ahead[bounded] = stats.summary()["records"] - consumed
+        del batches
+    # Read ahead: the budget, the iterator's batch, and per running task (2 CPUs) the block it makes
+    # plus the two Ray's streaming generator may hold (blocks are one batch here).
+    budget_rows = prefetch_bytes(cfg, 128) // view_bytes(cfg)
+    assert budget_rows == 4 * 128 and stream_block_rows(cfg, 128) == 128
+    assert ahead[True] <= budget_rows + 128 + 2 * 3 * 128, ahead
+    assert ahead[False] > 4 * ahead[True]  # without a budget Ray Data reads on through the epochs
 
 
 def test_image_folder_and_webdataset_read_directly(ray_cluster, class_folder, tmp_path, fmnist_sample, caplog):
     with caplog.at_level(logging.WARNING, logger="lejepa_platform.data"):
-        got = blocks(train_dataset(config(class_folder), seed=0, epochs=1))
+        got = blocks(train_stream(config(class_folder), seed=0, epochs=1))
     assert "no fixed train/test split" in caplog.text  # train falls back to every row, with a warning
     assert Counter(np.concatenate([b["label"] for b in got]).tolist()) == {0: 4, 1: 4, 2: 4}
     with pytest.raises(UserError, match="no test split"):
-        train_dataset(config(class_folder, split="test"), seed=0, epochs=1)
+        train_stream(config(class_folder, split="test"), seed=0, epochs=1)
     with tarfile.open(tmp_path / "data.tar", "w") as archive:
         for i in range(9):
             for name, data in ((f"k{i}.png", fmnist_sample["png"][i]), (f"k{i}.cls", str(i % 3).encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
-    got = blocks(train_dataset(config(tmp_path / "data.tar", split="all"), seed=0, epochs=1))
+    got = blocks(train_stream(config(tmp_path / "data.tar", split="all"), seed=0, epochs=1))
     assert Counter(np.concatenate([b["label"] for b in got]).tolist()) == {0: 3, 1: 3, 2: 3}
-
-
-def test_eval_dataset_matches_the_in_process_eval_set(ray_cluster, small):
-    local = load_eval_set(str(small), "test", 32)
-    assert local.images.shape == (15, 3, 32, 32) and local.images.dtype == np.uint8
-    remote = blocks(eval_dataset(str(small), "test", 32))
-    images = np.concatenate([b["image"] for b in remote])
-    labels = np.concatenate([b["label"] for b in remote])
-    pairs = sorted(zip(labels.tolist(), (x.tobytes() for x in images)))
-    assert pairs == sorted(zip(local.labels.tolist(), (x.tobytes() for x in local.images)))
 
 
 def test_builtin_counts_come_from_the_manifest():

@@ -5,22 +5,21 @@ Each run logs every step (log_every = 1), so "exactly once" is checked on the fu
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
-from clusters import registered_checkpoint_steps
+from clusters import kill_workers_after
 
-from lejepa_platform.config import RunConfig, apply_overrides
+from lejepa_platform.config import RunConfig
+from lejepa_platform.overrides import apply_overrides
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import RunFailed, UserError
-from lejepa_platform.tracking import find_run, list_artifacts, metric_history
-from lejepa_platform.train.launch import pretrain, pretrain_from_cli
+from lejepa_platform.tracking import find_run, metric_history
+from lejepa_platform.run.launch import pretrain, pretrain_from_cli
 from lejepa_platform.train.step import lr_factor
 
 pytestmark = pytest.mark.e2e
@@ -48,34 +47,6 @@ def logged_steps(cfg: RunConfig, run_id: str, key: str = "loss/total") -> list[i
     return sorted(m.step for m in mlflow.MlflowClient(cfg.track.uri).get_metric_history(run_id, key))
 
 
-def kill_a_worker_after(run_dir: Path, min_step: int, killed: list[int]) -> threading.Thread:
-    """Once Ray Train has registered a checkpoint at >= min_step, SIGKILL one live Train worker.
-
-    Worker pids are looked up while waiting, so the kill lands right after the checkpoint.
-    """
-    import ray
-    from ray.util.state import list_actors
-
-    address = ray.get_runtime_context().gcs_address  # other Ray clusters may run on this machine
-
-    def watch() -> None:
-        deadline = time.monotonic() + 120
-        pids: list[int] = []
-        while time.monotonic() < deadline and not killed:
-            if not pids:
-                pids = [a.pid for a in list_actors(address=address, raise_on_missing_output=False,
-                                                   filters=[("class_name", "=", "RayTrainWorker"),
-                                                            ("state", "=", "ALIVE")])]
-            elif any(s >= min_step for s in registered_checkpoint_steps(run_dir)):
-                os.kill(pids[-1], signal.SIGKILL)
-                killed.append(pids[-1])
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """Steps of the checkpoints Ray Train has persisted for this run."""
     steps = []
@@ -99,13 +70,25 @@ def test_pretrain_two_workers_logs_every_step_once_and_learns(ray_cluster, tmp_p
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert run["params"]["loss.num_slices"] == "64" and run["params"]["train.workers"] == "2"
     assert checkpoint_steps(tmp_path / "runs" / "basic") == [15, 20]  # keep_checkpoints = 2
-    assert {"backbone.safetensors", "config.json", "loss_curve.png"} <= set(list_artifacts(cfg.track.uri, run["run_id"]))
+    artifacts = {f.path for f in MlflowClient(cfg.track.uri).list_artifacts(run["run_id"])}
+    assert {"backbone.safetensors", "config.json", "loss_curve.png"} <= artifacts
+
+
+def test_views_augmented_on_the_trainers_device_train_the_exact_steps(ray_cluster, tmp_path):
+    cfg = tiny_config(tmp_path, "train.name=on-device", "data.augment_on=device", "train.steps=8",
+                      "train.checkpoint_every=4")
+    summary = pretrain(cfg, quiet=True)
+
+    assert summary["steps"] == 8
+    assert find_run(cfg.track.uri, summary["mlflow_run_id"])["status"] == "FINISHED"
+    assert find_run(cfg.track.uri, summary["mlflow_run_id"])["params"]["data.augment_on"] == "device"
+    assert logged_steps(cfg, summary["mlflow_run_id"]) == list(range(1, 9))
 
 
 def test_worker_killed_mid_run_restarts_from_checkpoint_and_logs_each_step_once(ray_cluster, tmp_path):
     cfg = tiny_config(tmp_path, "train.name=faulty", "train.max_failures=2")
     killed: list[int] = []
-    watcher = kill_a_worker_after(tmp_path / "runs" / "faulty", 5, killed)
+    watcher = kill_workers_after(tmp_path / "runs" / "faulty", [5], killed)
     summary = pretrain(cfg, quiet=True)
     watcher.join(timeout=5)
 
@@ -117,7 +100,7 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_logs_each_step_once(
 def test_crashed_run_resumes_in_the_same_mlflow_run(ray_cluster, tmp_path):
     cfg = tiny_config(tmp_path, "train.name=crashy", "train.max_failures=0", "train.checkpoint_every=10")
     killed: list[int] = []
-    watcher = kill_a_worker_after(tmp_path / "runs" / "crashy", 10, killed)
+    watcher = kill_workers_after(tmp_path / "runs" / "crashy", [10], killed)
     with pytest.raises(RunFailed, match="crashy"):
         pretrain(cfg, quiet=True)
     watcher.join(timeout=5)
@@ -160,7 +143,7 @@ def test_time_budget_ends_the_run_on_time_through_the_whole_schedule(ray_cluster
 
 
 def find_run_by_name(cfg: RunConfig, name: str) -> str:
-    from lejepa_platform.train.storage import read_run_record
+    from lejepa_platform.run.storage import read_run_record
 
     return read_run_record(cfg.train.storage_path, name)["mlflow_run_id"]
 

@@ -1,4 +1,4 @@
-"""The Ray Data pipelines read shards behind a URI: the same views and crops as from the local path.
+"""The Ray Data pipeline and the evaluation set read shards behind a URI: the same views and crops as from the local path.
 The bucket (s3://bucket/... served from a local folder through a SubTreeFileSystem) exists only in
 the driver, so the tasks must read through the filesystem the plan carries."""
 
@@ -11,8 +11,10 @@ import pyarrow.fs as pafs
 import pytest
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data import sources
-from lejepa_platform.data.pipeline import count_rows, eval_dataset, train_dataset
+from lejepa_platform.data.sources import base as sources
+from lejepa_platform.data.evalset import load_eval_set
+from lejepa_platform.data.pipeline import rank_dataset
+from lejepa_platform.data.reader import plan_source
 from lejepa_platform.data.shards import build_shards
 
 pytestmark = pytest.mark.e2e
@@ -33,8 +35,9 @@ def test_pipelines_read_a_bucket_like_the_local_path(ray_cluster, tmp_path, fmni
     monkeypatch.setattr(sources, "_from_uri", lambda uri: (bucket, uri[len("s3://"):]))
     base = dict(global_views=2, global_size=24, local_views=1, local_size=12, batch_size=8)
     local, remote = DataConfig(source=str(tmp_path / "shards"), **base), DataConfig(source="s3://bucket/fm", **base)
-    assert count_rows(remote) == count_rows(local) == 45
-    views = rows_of(train_dataset(remote, seed=1, epochs=1), "global")
-    assert sum(views.values()) == 45 and views == rows_of(train_dataset(local, seed=1, epochs=1), "global")
-    crops = rows_of(eval_dataset("s3://bucket/fm", "test", 20), "image")
-    assert sum(crops.values()) == 15 and crops == rows_of(eval_dataset(local.source, "test", 20), "image")
+    remote_plan, local_plan = plan_source(remote.source, remote.split), plan_source(local.source, local.split)
+    assert remote_plan.rows == local_plan.rows == 45
+    views = rows_of(rank_dataset(remote_plan, remote, seed=1, epochs=1), "global")
+    assert sum(views.values()) == 45 and views == rows_of(rank_dataset(local_plan, local, seed=1, epochs=1), "global")
+    crops, local_crops = load_eval_set("s3://bucket/fm", "test", 20), load_eval_set(local.source, "test", 20)
+    assert len(crops.labels) == 15 and np.array_equal(crops.images, local_crops.images)

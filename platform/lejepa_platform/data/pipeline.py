@@ -1,14 +1,13 @@
 """The Ray Data pipeline: shards, image folders or WebDataset tars -> decoded images -> multi-crop
 views, streamed into TorchTrainer workers (the only data module that imports ray).
 
-Shape of the stream: the work items are (epoch, unit) pairs in epoch-major order, each epoch's units
-permuted by (seed, epoch); a task takes a run of consecutive items (about TASK_BYTES of views) and,
-item by item, reads the unit, shuffles its rows, decodes them (bad records skipped) and yields
-blocks of uint8 views. Epochs therefore follow one another in one finite dataset instead of a
-union of per-epoch reads, which Ray Data would execute concurrently. Views depend only on (seed,
-epoch, record id), so a run is reproducible whatever the order tasks finish in. Consumers add a
-local shuffle buffer (`iter_torch_batches(..., local_shuffle_buffer_size=...)`) and normalise on
-their device with `views.normalize`.
+Each training rank builds its own Dataset inside its worker (`rank_dataset`): the work items of
+data/stream.py that belong to it, from the position its checkpoint recorded, in order
+(`preserve_order`), so what a rank consumes is a pure function of (seed, rank, world) and a restart
+continues at the exact row. A task takes a run of consecutive items (about TASK_BYTES of views) and
+yields blocks of uint8 views item by item. The stream is bounded: the rank's executor may hold
+about `prefetch_bytes` of views ahead of the trainer, so the data side works at the trainer's pace
+instead of filling the object store with views a time-budgeted run may never use.
 
 Bad records: each task reports (records read, skip reasons) to a `DataStats` actor when the caller
 passes one, before yielding the block they belong to; after the stream is consumed,
@@ -28,8 +27,8 @@ import numpy as np
 import ray
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data.reader import (BLOCK_BYTES, Plan, describe, epoch_units, eval_blocks, plan_source,
-                                         train_blocks, view_bytes)
+from lejepa_platform.data.reader import Plan, block_rows, describe, view_bytes
+from lejepa_platform.data.stream import StreamPosition, item_blocks, rank_items, window_units
 
 log = logging.getLogger("lejepa_platform.data")
 
@@ -77,19 +76,19 @@ class DataStats:
         return summary
 
 
-@contextlib.contextmanager
-def _streamed_blocks() -> Iterator[None]:
-    """Datasets created inside keep each batch a task yields as its own block (about BLOCK_BYTES),
-    instead of Ray Data's default of merging them into blocks of up to 128 MB: consumers then get
-    views while the task is still running, and object store use stays small. A Dataset copies the
-    current DataContext when it is created, so the change ends with this block."""
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.target_max_block_size
-    ctx.target_max_block_size = BLOCK_BYTES * 3 // 4
-    try:
-        yield
-    finally:
-        ctx.target_max_block_size = previous
+def stream_block_rows(cfg: DataConfig, per_worker: int) -> int:
+    """Rows of one block of a rank's stream: one batch of the rank, or fewer when that exceeds
+    BLOCK_BYTES. Blocks are what the stream holds in flight, so small ones keep the bound tight."""
+    return max(1, min(per_worker, block_rows(cfg)))
+
+
+def prefetch_bytes(cfg: DataConfig, per_worker: int) -> int:
+    """Object store a rank's stream may fill ahead of its trainer: data.prefetch_batches batches, and
+    never less than two blocks (with less, a task could not hand over its next block). 0: unbounded."""
+    if cfg.prefetch_batches == 0:
+        return 0
+    row = view_bytes(cfg)
+    return max(cfg.prefetch_batches * per_worker, 2 * stream_block_rows(cfg, per_worker)) * row
 
 
 def units_per_task(plan: Plan, row_bytes: int) -> int:
@@ -98,63 +97,59 @@ def units_per_task(plan: Plan, row_bytes: int) -> int:
     return max(1, int(TASK_BYTES // max(unit_bytes, 1)))
 
 
-def _units_dataset(items: int, plan: Plan, row_bytes: int) -> ray.data.Dataset:
-    """Work item indices, one block per task; the map over them uses batch_size=None so Ray Data
-    fuses it with this read into one task (a fixed batch size would keep them apart and idle a CPU)."""
-    blocks = math.ceil(items / units_per_task(plan, row_bytes))
-    return ray.data.range(items, override_num_blocks=min(blocks, MAX_TASKS))
-
-
-def _train_udf(batch: dict[str, np.ndarray], *, plan: Plan, cfg: DataConfig, seed: int, start_epoch: int,
-               stats: DataStats | None) -> Iterator[dict[str, np.ndarray]]:
-    per_epoch = len(plan.units)
-    for item in batch["id"].tolist():
-        epoch = start_epoch + item // per_epoch
-        unit = epoch_units(plan, seed, epoch)[item % per_epoch]
-        for block, bad, records in train_blocks(unit, plan, cfg, seed=seed, epoch=epoch):
+def _train_udf(batch: dict[str, np.ndarray], *, plan: Plan, cfg: DataConfig, seed: int, first: StreamPosition,
+               photometric: bool, rows_per_block: int, stats: DataStats | None) -> Iterator[dict[str, np.ndarray]]:
+    for index in batch["id"].tolist():
+        skip = first.row if index == first.item else 0
+        for block, bad, records in item_blocks(plan, cfg, seed=seed, index=index, skip=skip, photometric=photometric,
+                                               rows_per_block=rows_per_block):
             if stats is not None:
                 stats.add(bad, records)
             if block is not None:
                 yield block
 
 
-def _eval_udf(batch: dict[str, np.ndarray], *, plan: Plan, size: int, max_pixels: int,
-              stats: DataStats | None) -> Iterator[dict[str, np.ndarray]]:
-    for item in batch["id"].tolist():
-        for block, bad, records in eval_blocks(plan.units[item], plan, size, max_pixels):
-            if stats is not None:
-                stats.add(bad, records)
-            if block is not None:
-                yield block
+@contextlib.contextmanager
+def _rank_stream(block_bytes: int, prefetch_bytes: int, reserved: dict[str, float]) -> Iterator[None]:
+    """Datasets created inside deliver rows in order, keep each batch a task yields as its own block
+    (Ray Data would merge them into blocks of up to 128 MB, handed over only when complete), hold at
+    most about `prefetch_bytes` in the object store, and leave `reserved` (the trainers' CPUs and
+    GPUs) out of what their tasks may use. A Dataset copies the current DataContext when it is
+    created, so the changes end with this block."""
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.execution_options, ctx.target_max_block_size
+    options = ray.data.ExecutionOptions(preserve_order=True, exclude_resources=ray.data.ExecutionResources(
+        cpu=reserved.get("CPU", 0.0), gpu=reserved.get("GPU", 0.0)))
+    if prefetch_bytes:
+        options.resource_limits = ray.data.ExecutionResources(object_store_memory=prefetch_bytes)
+    ctx.execution_options, ctx.target_max_block_size = options, max(block_bytes * 3 // 4, 1)
+    try:
+        yield
+    finally:
+        ctx.execution_options, ctx.target_max_block_size = previous
 
 
-def train_dataset(cfg: DataConfig, *, seed: int, epochs: int, start_epoch: int = 0,
-                  stats: DataStats | None = None) -> ray.data.Dataset:
-    """Views for epochs [start_epoch, epochs), one epoch after another, as one finite Dataset.
-
-    Rows: "global" uint8 (G, 3, Hg, Hg), "local" uint8 (L, 3, Hl, Hl) only when L > 0, "label" int64
-    (-1 when unlabelled). cfg.split selects rows through the manifest's fixed split (see reader).
-    """
-    if epochs <= start_epoch:
-        raise ValueError(f"epochs = {epochs} must be greater than start_epoch = {start_epoch}")
-    plan = plan_source(cfg.source, cfg.split)
-    items = (epochs - start_epoch) * len(plan.units)
-    with _streamed_blocks():
-        return _units_dataset(items, plan, view_bytes(cfg)).map_batches(
-            _train_udf, batch_size=None, batch_format="numpy", zero_copy_batch=True,
-            fn_kwargs={"plan": plan, "cfg": cfg, "seed": seed, "start_epoch": start_epoch, "stats": stats})
-
-
-def eval_dataset(source: str, split: str, size: int, *, max_image_pixels: int = DataConfig().max_image_pixels,
+def rank_dataset(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, rank: int = 0, world: int = 1,
+                 position: StreamPosition = StreamPosition(), photometric: bool = True, per_worker: int | None = None,
+                 bounded: bool = False, reserved: dict[str, float] | None = None,
                  stats: DataStats | None = None) -> ray.data.Dataset:
-    """One pass of evaluation views: "image" uint8 (3, S, S) (centre crop), "label" int64."""
-    plan = plan_source(source, split)
-    with _streamed_blocks():
-        return _units_dataset(len(plan.units), plan, 3 * size * size).map_batches(
-            _eval_udf, batch_size=None, batch_format="numpy", zero_copy_batch=True,
-            fn_kwargs={"plan": plan, "size": size, "max_pixels": max_image_pixels, "stats": stats})
+    """Views of the work items of epochs [0, epochs) that rank `rank` of `world` reads, from `position` on.
 
-
-def count_rows(cfg: DataConfig) -> int:
-    """Rows in cfg.split (from the manifest when there is one: no image is read)."""
-    return plan_source(cfg.source, cfg.split).rows
+    Rows carry the columns of `stream.item_blocks`, in the rank's order; with photometric=False
+    only the geometric crops are made and the trainer applies the rest (`views.augment_views`).
+    Blocks hold one batch of `per_worker` rows (default: data.batch_size); with `bounded`, the stream
+    runs at most about data.prefetch_batches batches ahead of its consumer (`prefetch_bytes`).
+    """
+    items = rank_items(plan, cfg, epochs=epochs, rank=rank, world=world, first=position.item)
+    if not items:
+        raise ValueError(f"rank {rank} has no work items left from item {position.item} in {epochs} epochs")
+    batch = per_worker or cfg.batch_size
+    rows_per_block = stream_block_rows(cfg, batch)
+    per_task = units_per_task(plan, view_bytes(cfg)) // window_units(cfg) or 1
+    with _rank_stream(rows_per_block * view_bytes(cfg), prefetch_bytes(cfg, batch) if bounded else 0, reserved or {}):
+        ids = ray.data.from_items([{"id": i} for i in items], override_num_blocks=min(math.ceil(len(items) / per_task),
+                                                                                     MAX_TASKS))
+        return ids.map_batches(_train_udf, batch_size=None, batch_format="numpy", zero_copy_batch=True,
+                               fn_kwargs={"plan": plan, "cfg": cfg, "seed": seed, "first": position,
+                                          "photometric": photometric, "rows_per_block": rows_per_block,
+                                          "stats": stats})

@@ -1,15 +1,17 @@
 """Units of work over a source, and what one unit becomes (no Ray here).
 
-A plan cuts a readable source (shard directory, image folder, WebDataset tars) into units of a few
-hundred records: consecutive Parquet row groups (local or behind a URI: the plan carries the
-filesystem they are read through), a slice of the folder listing, or one tar. A unit
-turns into blocks of views (training) or centre crops (evaluation), with bad records skipped and
-counted. The same functions run inside Ray Data tasks, in the DataLoader workers of the benchmark's
-baseline and in-process for small evaluation sets, so the three cannot drift apart.
+A plan cuts a readable source (shards or Hub-layout Parquet, an image folder or path list, WebDataset
+tars) into units of a few hundred records: consecutive Parquet row groups (local or behind a URI:
+the plan carries the filesystem they are read through), a slice of the listing, or one tar. Row
+counts come from Parquet footers, listings and stored tar indexes, never from reading images.
+`load_unit` reads a unit's records; data/stream.py turns them into training views, `eval_blocks`
+into centre crops, with bad records skipped and counted. The same functions run inside Ray Data
+tasks, in the DataLoader workers of the benchmark's baseline and in-process for small evaluation
+sets, so the three cannot drift apart.
 
-Split rule: a shard manifest with a fixed split serves train, test or all. A source without one
-serves all of its rows; `train` falls back to all of them with a warning, and `test` is an error
-(there is nothing held out to test on).
+Split rule: a shard manifest with a fixed split (or a Hub-layout folder of train-* and test-*
+files) serves train, test or all. A source without one serves all of its rows; `train` falls back
+to all of them with a warning, and `test` is an error (there is nothing held out to test on).
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data.decode import decode_batch
 from lejepa_platform.data.shards import split_mask
-from lejepa_platform.data.sources import (LOCAL_FS, SHARD_COLUMNS, FolderSource, ShardSource, TarSource, iter_tar,
-                                          open_source)
-from lejepa_platform.data.views import center_views, decode_side, multi_crop, record_seed
+from lejepa_platform.data.sources import (LOCAL_FS, SHARD_COLUMNS, FolderSource, HubParquetSource, PathListSource,
+                                          ShardSource, TarSource, iter_tar, open_source, read_entry)
+from lejepa_platform.data.sources.hub import read_hub_rows
+from lejepa_platform.data.views import center_views
 from lejepa_platform.errors import UserError
 
 log = logging.getLogger("lejepa_platform.data")
@@ -42,18 +46,16 @@ BLOCK_BYTES = 16 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A slice of a source small enough for one task: row groups of a Parquet file, files of a folder, a tar."""
+    """A slice of a source small enough for one task: row groups of a Parquet file (kind "parquet" for
+    shards, "hub" for the Hub layout), files of a folder or a path list ("files"), a tar ("tar")."""
 
     kind: str
     path: str
     row_groups: tuple[int, ...] = ()
     files: tuple[str, ...] = ()
     labels: tuple[int, ...] = ()
-
-    @property
-    def key(self) -> str:
-        """Names the unit independently of where the data lives (seeds its row shuffle)."""
-        return f"{Path(self.path).name}:{self.row_groups[:1]}:{self.files[:1]}"
+    start: int = 0
+    """Row of the file the unit's first row group starts at (names the rows of Hub-layout files)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,9 @@ class Plan:
     class_names: tuple[str, ...]
     filesystem: pafs.FileSystem
     """Where the units' Parquet files are read from (picklable: Ray tasks receive it with the plan)."""
+    labelled: int | None = None
+    """Labelled rows of the whole source when known without reading images (manifest, listing, tar
+    index, a Hub file without a label column); None when only reading the labels would tell."""
 
 
 def plan_source(source: str, split: str) -> Plan:
@@ -75,29 +80,34 @@ def plan_source(source: str, split: str) -> Plan:
     if split not in ("train", "test", "all"):
         raise UserError(f"split {split!r} is not allowed: must be one of train, test, all")
     src = open_source(source)
-    spec, filesystem = None, LOCAL_FS
-    if isinstance(src, ShardSource):
-        spec = src.manifest.get("split") if src.manifest else None
+    spec, filesystem, labelled = None, LOCAL_FS, None
+    if isinstance(src, (ShardSource, HubParquetSource)):
         filesystem = src.filesystem
-        units, total = [], 0
-        for file, meta in zip(src.files, src.footers):
-            group: list[int] = []
-            rows = 0
-            for index in range(meta.num_row_groups):
-                group.append(index)
-                rows += meta.row_group(index).num_rows
-                if rows >= UNIT_ROWS or index == meta.num_row_groups - 1:
-                    units.append(Unit("parquet", file, row_groups=tuple(group)))
-                    total += rows
-                    group, rows = [], 0
-    elif isinstance(src, FolderSource):
+        units = _parquet_units("parquet" if isinstance(src, ShardSource) else "hub", src.files, src.footers)
+        total = sum(meta.num_rows for meta in src.footers)
+        if isinstance(src, ShardSource) and src.manifest:
+            spec = src.manifest.get("split")
+            labelled = int(src.manifest["rows"]) - int(src.manifest.get("unlabelled", 0))
+        elif isinstance(src, HubParquetSource):
+            labelled = None if src.has_labels else 0
+            groups = src.file_splits()
+            if groups is not None:  # the split is the files: units of the other split are left out
+                spec = {"method": "files", "rows": {name: sum(meta.num_rows for file, meta in
+                                                              zip(src.files, src.footers) if file in files)
+                                                    for name, files in groups.items()}}
+                units = [u for u in units if split == "all" or u.path in groups.get(split, ())]
+    elif isinstance(src, (FolderSource, PathListSource)):
         entries = src.entries
-        units = [Unit("files", str(src.path), files=tuple(e[0] for e in entries[i:i + UNIT_ROWS]),
+        root = src.path if isinstance(src, FolderSource) else src.path.parent
+        units = [Unit("files", str(root), files=tuple(e[0] for e in entries[i:i + UNIT_ROWS]),
                       labels=tuple(e[1] for e in entries[i:i + UNIT_ROWS])) for i in range(0, len(entries), UNIT_ROWS)]
         total = len(entries)
+        labelled = sum(1 for _, label in entries if label >= 0)
     elif isinstance(src, TarSource):
-        units = [Unit("tar", str(tar)) for tar in src.tars]
-        total = sum(1 for _ in src.records())
+        indexes = src.indexes()
+        units = [Unit("tar", str(tar)) for tar, index in zip(src.tars, indexes) if index.rows]
+        total = sum(index.rows for index in indexes)
+        labelled = sum(index.labelled for index in indexes)
     else:
         raise UserError(f"{source!r} is a {src.kind} source, which the pipeline reads through shards: "
                         f"run `lejepa shards build {source} OUT` and use OUT")
@@ -110,13 +120,23 @@ def plan_source(source: str, split: str) -> Plan:
     rows = total if split == "all" else int(spec["rows"][split])
     if rows == 0:
         raise UserError(f"{source!r} has no rows in split {split!r}")
-    return Plan(source, tuple(units), split, spec, rows, tuple(src.class_names()), filesystem)
+    return Plan(source, tuple(units), split, spec, rows, tuple(src.class_names()), filesystem, labelled)
 
 
-def epoch_units(plan: Plan, seed: int, epoch: int) -> list[Unit]:
-    """The units in this epoch's order (a permutation seeded by (seed, epoch))."""
-    order = np.random.default_rng([seed % 2**64, epoch % 2**64, 0x5EED]).permutation(len(plan.units))
-    return [plan.units[i] for i in order]
+def _parquet_units(kind: str, files: list[str], footers: list) -> list[Unit]:
+    """Consecutive row groups of each file, about UNIT_ROWS rows per unit (counts from the footers)."""
+    units = []
+    for file, meta in zip(files, footers):
+        group: list[int] = []
+        rows = first = 0
+        for index in range(meta.num_row_groups):
+            group.append(index)
+            rows += meta.row_group(index).num_rows
+            if rows >= UNIT_ROWS or index == meta.num_row_groups - 1:
+                units.append(Unit(kind, file, row_groups=tuple(group), start=first))
+                first += rows
+                group, rows = [], 0
+    return units
 
 
 def load_unit(unit: Unit, plan: Plan) -> Iterator[tuple[list, np.ndarray, list[str]]]:
@@ -126,24 +146,26 @@ def load_unit(unit: Unit, plan: Plan) -> Iterator[tuple[list, np.ndarray, list[s
         table = handle.read_row_groups(list(unit.row_groups), columns=list(SHARD_COLUMNS))
         chunks = [(table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64),
                    table.column("id").to_pylist())]
+    elif unit.kind == "hub":
+        chunks = [read_hub_rows(plan.filesystem, unit.path, unit.row_groups, unit.start)]
     elif unit.kind == "files":
         root = Path(unit.path)
-        chunks = [([_read_bytes(root / rel) for rel in unit.files], np.array(unit.labels, dtype=np.int64),
+        chunks = [([_read_bytes(root, ref) for ref in unit.files], np.array(unit.labels, dtype=np.int64),
                    list(unit.files))]
     else:
         chunks = _tar_chunks(Path(unit.path))
     for images, labels, ids in chunks:
-        if plan.split != "all":
+        if plan.split != "all" and plan.split_spec.get("method") != "files":
             keep = np.flatnonzero(split_mask(ids, labels, plan.split_spec, plan.split))
             images, labels, ids = [images[i] for i in keep], labels[keep], [ids[i] for i in keep]
         if ids:
             yield images, labels, ids
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(root: Path, ref: str) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError:
+        return read_entry(root, ref)
+    except (OSError, pa.ArrowException, UserError):
         return b""  # counted as undecodable: a file that vanished is one bad record, not a failed task
 
 
@@ -168,30 +190,6 @@ def view_bytes(cfg: DataConfig) -> int:
 def block_rows(cfg: DataConfig) -> int:
     """Rows per output block so that a block of views is about BLOCK_BYTES."""
     return int(np.clip(BLOCK_BYTES // view_bytes(cfg), 8, UNIT_ROWS))
-
-
-def train_blocks(unit: Unit, plan: Plan, cfg: DataConfig, *, seed: int,
-                 epoch: int) -> Iterator[tuple[dict[str, np.ndarray] | None, Counter, int]]:
-    """Blocks of views of one unit: (batch or None when every record was bad, skip reasons, records read).
-
-    Rows are shuffled within the unit (seeded by seed, epoch, unit); batch columns: global uint8
-    (b, G, 3, Hg, Hg), local uint8 (b, L, 3, Hl, Hl) when L > 0, label int64 (b,).
-    """
-    rows, side = block_rows(cfg), decode_side(cfg)
-    for images, labels, ids in load_unit(unit, plan):
-        order = np.random.default_rng([seed % 2**64, epoch % 2**64, record_seed(unit.key)]).permutation(len(ids))
-        for start in range(0, len(order), rows):
-            pick = order[start:start + rows]
-            arrays, kept, bad = decode_batch([images[i] for i in pick], cfg.max_image_pixels, side)
-            if not kept:
-                yield None, bad, len(pick)
-                continue
-            chosen = pick[kept]
-            views = multi_crop(arrays, [ids[i] for i in chosen], cfg, seed=seed, epoch=epoch)
-            batch = {"global": views["global"], "label": labels[chosen]}
-            if cfg.local_views:
-                batch["local"] = views["local"]
-            yield batch, bad, len(pick)
 
 
 def eval_blocks(unit: Unit, plan: Plan, size: int,

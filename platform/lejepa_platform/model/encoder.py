@@ -81,6 +81,13 @@ def build_encoder(cfg: ModelConfig, *, optional_kwargs: Mapping[str, Any] | None
     return Encoder(backbone, projector, embed_dim)
 
 
+def check_backbone(cfg: ModelConfig) -> None:
+    """Build the encoder on the meta device (no memory, no init): fails fast, as a UserError, on a
+    name timm does not know or keyword arguments it rejects, before any worker starts."""
+    with torch.device("meta"):
+        build_encoder(cfg)
+
+
 def create_backbone(name: str, kwargs: Mapping[str, Any], optional: Mapping[str, Any]) -> nn.Module:
     """timm.create_model with user errors for unknown names and rejected keyword arguments."""
     if not timm.is_model(name):
@@ -105,9 +112,8 @@ def create_backbone(name: str, kwargs: Mapping[str, Any], optional: Mapping[str,
 def use_plain_attention(module: nn.Module) -> int:
     """Switch every timm attention block in `module` from fused scaled-dot-product attention to the
     plain softmax(QK^T)V path; returns how many blocks were switched. For CPU: there the fused
-    kernel was never faster and slower on short sequences (forward + backward, 2 threads: the
-    embedded default's ViT, 17 tokens, 0.23 s vs 0.27 s; ViT-S/16 at 224 px and ViT-S/8 at 128 px
-    even). Both paths compute the same function; on GPU the fused kernel wins, so it stays there."""
+    kernel was never faster, and slower on the short sequences of small images (docs/performance.md).
+    Both paths compute the same function; on GPU the fused kernel wins, so it stays there."""
     switched = 0
     for block in module.modules():
         if isinstance(getattr(block, "fused_attn", None), bool):

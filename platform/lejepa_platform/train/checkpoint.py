@@ -1,7 +1,7 @@
 """Checkpoint files: everything a run needs to continue exactly, loadable with weights_only=True.
 
 A checkpoint directory holds `state.pt` (model + probe, optimizer, step, RNG, training time,
-whether the run has ended, metric rows not yet in MLflow) and `config.json` (the resolved
+whether the run has ended, every rank's data position, metric rows not yet in MLflow) and `config.json` (the resolved
 RunConfig). `state.pt` is written under a temporary name and renamed, so a crash never leaves a
 file that looks complete; Ray Train then copies the directory into storage only after it is whole.
 """
@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from lejepa_platform.config import RunConfig, from_dict, to_dict
+from lejepa_platform.artifacts import CONFIG_FILE
+from lejepa_platform.config import RunConfig, to_dict
+from lejepa_platform.overrides import from_dict
 from lejepa_platform.errors import UserError
 
 STATE_FILE = "state.pt"
-CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TrainState:
     """Training time so far (what train.time_budget_s counts)."""
     finished: bool = False
     """The run's last step is done (all train.steps, or the time budget ran out)."""
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    """Each rank's data position (item, row) after this step (data/stream.py); empty: from the start."""
 
 
 def save_checkpoint(directory: str | os.PathLike, state: TrainState, cfg: RunConfig) -> Path:
@@ -51,6 +54,7 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, cfg: RunCon
         "pending_metrics": state.pending_metrics,
         "train_seconds": state.train_seconds,
         "finished": state.finished,
+        "positions": [list(p) for p in state.positions],
     }
     _atomic_write(path / STATE_FILE, lambda f: torch.save(payload, f))
     _atomic_write(path / CONFIG_FILE, lambda f: f.write(json.dumps(to_dict(cfg), indent=2).encode()))
@@ -68,7 +72,8 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     state = TrainState(model=payload["model"], optimizer=payload["optimizer"], step=int(payload["step"]),
                        rng=payload["rng"], pending_metrics=list(payload.get("pending_metrics", [])),
                        train_seconds=float(payload.get("train_seconds", 0.0)),
-                       finished=bool(payload.get("finished", False)))
+                       finished=bool(payload.get("finished", False)),
+                       positions=[(int(i), int(r)) for i, r in payload.get("positions", [])])
     return state, cfg
 
 

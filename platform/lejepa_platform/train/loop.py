@@ -12,28 +12,43 @@ steps after the checkpoint, and never writes a step MLflow already holds.
 The run's length: exactly train.steps optimizer steps, or, under train.time_budget_s, fewer when
 the budget runs out first (`step.schedule_position` decides; the training time so far travels in
 each checkpoint, so restarts and `--resume` spend the same budget).
+
+Exact data resume: each rank streams its own part of the run's order (`pipeline.rank_dataset`) and
+tracks its position from the rows it consumed; every checkpoint carries all ranks' positions, so a
+restart continues at the next unconsumed row of each rank. A stop request from the driver
+(SIGTERM, Ctrl-C: run/stop.py) makes every rank checkpoint after the current step and return.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed
 
-from lejepa_platform.config import RunConfig, from_dict, per_worker_batch_size, warmup_steps
+from lejepa_platform.console import warn
+from lejepa_platform.config import RunConfig, augment_placement, per_worker_batch_size, warmup_steps
+from lejepa_platform.overrides import from_dict
+from lejepa_platform.data.pipeline import rank_dataset
+from lejepa_platform.data.stream import StreamPosition
 from lejepa_platform.eval.geometry import CollapseAlarm
 from lejepa_platform.tracking import MLflowTracker, NullTracker, Tracker
 from lejepa_platform.train.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from lejepa_platform.train.step import Pretrainer, make_optimizer, schedule_position, train_step
 
 LOSS_KEY = "loss/total"
+RECORD_IDS_ENV = "LEJEPA_RECORD_IDS"
+"""Set on the driver to a directory: every rank writes the record ids of each step there (`IdLog`)."""
+PREFETCH_BATCHES = 2
+"""Batches each rank's iterator prepares ahead of the step that uses them."""
 COLLAPSE_SIGREG_PER_IMAGE = 0.1
 """Collapse alarm threshold on SIGReg, per image of the global batch: the statistic grows like
 N x distance; a Gaussian sits near 1 whatever N, a rank-1 embedding near 0.17 N, all-zeros 0.40 N."""
@@ -74,48 +89,123 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
     per_worker = per_worker_batch_size(cfg)
     alarm = CollapseAlarm(bare.encoder.embed_dim, sigreg_max=COLLAPSE_SIGREG_PER_IMAGE * cfg.data.batch_size)
-    shard = ray.train.get_dataset_shard("train")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws the run's progress line
+    position = _own_position(state.positions if checkpoint is not None else [], rank, world)
+    stream = rank_dataset(loop_config["plan"], cfg.data, seed=cfg.train.seed, epochs=loop_config["epochs"], rank=rank,
+                          world=world, position=position, photometric=augment_placement(cfg) == "data",
+                          per_worker=per_worker, bounded=True, reserved=loop_config.get("reserved"),
+                          stats=loop_config.get("data_stats"))
+    batches = stream.iter_torch_batches(batch_size=per_worker, drop_last=True, device="cpu",
+                                        pin_memory=device.type == "cuda", prefetch_batches=PREFETCH_BATCHES)
+    ids_log = IdLog.open(loop_config.get("ids_log"), rank, loop_config["windows_per_epoch"])
+    stop = StopRequests(loop_config.get("board"), rank=rank, world=world, device=device)
     pending: list[dict[str, float]] = []
     clock = TrainingClock(trained_before, agree_across_ranks=cfg.train.time_budget_s > 0 and world > 1, device=device)
     window_start, window_steps = time.perf_counter(), 0
     finished = finished or step >= cfg.train.steps
-    while not finished:
-        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
-                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
-        consumed = 0
-        for batch in batches:
-            consumed += 1
-            trained_s, step_s = clock.tick()
-            position, finished = schedule_position(step, cfg, trained_s, step_s)
-            logging_step = finished or _is_logged(step + 1, cfg)
-            metrics = train_step(model, optimizer, batch, cfg=cfg, step=step, device=device, diagnostics=logging_step,
-                                 position=position)
-            step += 1
-            window_steps += 1
-            if not logging_step:
-                continue
-            elapsed = time.perf_counter() - window_start
-            row = _mean_over_ranks(metrics, world)
-            row["throughput/images_per_s"] = window_steps * per_worker * world / max(elapsed, 1e-9)
-            row["train/seconds"] = clock.seconds()
-            row["step"] = step
-            pending.append(row)
-            if step > warmup_steps(cfg):
-                _check_collapse(alarm, row, tracker)
-            window_start, window_steps = time.perf_counter(), 0  # reporting time counts in the next window
-            if step % cfg.train.checkpoint_every == 0 or finished:
-                snapshot = TrainState(model=bare.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                      rng=capture_rng(), pending_metrics=list(pending), train_seconds=clock.seconds(),
-                                      finished=finished)
-                _report_with_checkpoint(row, snapshot, cfg, rank)
-                last_logged = _log_new_rows(tracker, pending, last_logged)
-                pending = []
-            else:
-                ray.train.report(row)
-            if finished:
-                break
-        if consumed == 0:
-            raise RuntimeError(f"the training data stream ended at step {step} of {cfg.train.steps}")
+    stream_ended = True
+    for batch in ([] if finished else batches):
+        trained_s, step_s = clock.tick()
+        schedule, finished = schedule_position(step, cfg, trained_s, step_s)
+        stopping = stop.requested()
+        logging_step = finished or stopping or _is_logged(step + 1, cfg)
+        metrics = train_step(model, optimizer, batch, cfg=cfg, step=step, device=device, diagnostics=logging_step,
+                             position=schedule)
+        step += 1
+        window_steps += 1
+        position = position.after(batch["item"][-1], batch["row"][-1])
+        ids_log.write(step, batch)
+        if not logging_step:
+            continue
+        elapsed = time.perf_counter() - window_start
+        row = _mean_over_ranks(metrics, world)
+        row["throughput/images_per_s"] = window_steps * per_worker * world / max(elapsed, 1e-9)
+        row["train/seconds"] = clock.seconds()
+        row["step"] = step
+        pending.append(row)
+        if step > warmup_steps(cfg):
+            _check_collapse(alarm, row, tracker)
+        window_start, window_steps = time.perf_counter(), 0  # reporting time counts in the next window
+        if step % cfg.train.checkpoint_every == 0 or finished or stopping:
+            snapshot = TrainState(model=bare.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                  rng=capture_rng(), pending_metrics=list(pending), train_seconds=clock.seconds(),
+                                  finished=finished, positions=_all_positions(position, rank, world, device))
+            _report_with_checkpoint(row, snapshot, cfg, rank)
+            last_logged = _log_new_rows(tracker, pending, last_logged)
+            pending = []
+        else:
+            ray.train.report(row)
+        if finished or stopping:
+            stream_ended = False
+            break
+    if stream_ended and not finished:
+        raise RuntimeError(f"the training data stream ended at step {step} of {cfg.train.steps}")
+
+
+def _own_position(positions: list[tuple[int, int]], rank: int, world: int) -> StreamPosition:
+    """This rank's position from a checkpoint's list (empty: a fresh run starts at the beginning)."""
+    if not positions:
+        return StreamPosition()
+    if len(positions) != world:
+        raise RuntimeError(f"the checkpoint holds data positions of {len(positions)} ranks, this run has {world}: "
+                           f"resume with train.workers = {len(positions)}")
+    return StreamPosition(*positions[rank])
+
+
+def _all_positions(position: StreamPosition, rank: int, world: int, device: torch.device) -> list[tuple[int, int]]:
+    """Every rank's position, gathered on each rank (rank 0 writes them into the checkpoint)."""
+    if world == 1:
+        return [(position.item, position.row)]
+    table = torch.zeros((world, 2), dtype=torch.int64, device=device)
+    table[rank] = torch.tensor([position.item, position.row], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(table)
+    return [(int(i), int(r)) for i, r in table.tolist()]
+
+
+class StopRequests:
+    """Whether the driver asked the run to stop (SIGTERM, Ctrl-C): rank 0 polls the progress board
+    without waiting for the answer; with several ranks a one-scalar all-reduce makes every rank stop
+    after the same step."""
+
+    def __init__(self, board: Any, *, rank: int, world: int, device: torch.device) -> None:
+        self._board = board if rank == 0 else None
+        self._world, self._device = world, device
+        self._pending = self._board.stop_requested.remote() if self._board is not None else None
+        self._seen = False
+
+    def requested(self) -> bool:
+        if self._pending is not None and not self._seen:
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready:
+                self._seen = bool(ray.get(ready[0]))
+                self._pending = None if self._seen else self._board.stop_requested.remote()
+        if self._world == 1:
+            return self._seen
+        flag = torch.tensor([float(self._seen)], device=self._device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class IdLog:
+    """The record ids of every step, one JSON line per step in DIR/rank-R.jsonl, when the driver
+    was started with LEJEPA_RECORD_IDS=DIR: an audit of the data order (the exact-resume tests read it)."""
+
+    def __init__(self, path: Path | None, windows_per_epoch: int) -> None:
+        self._path, self._windows = path, windows_per_epoch
+
+    @classmethod
+    def open(cls, directory: str | None, rank: int, windows_per_epoch: int) -> IdLog:
+        if not directory:
+            return cls(None, windows_per_epoch)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return cls(Path(directory) / f"rank-{rank}.jsonl", windows_per_epoch)
+
+    def write(self, step: int, batch: dict[str, torch.Tensor]) -> None:
+        if self._path is None:
+            return
+        line = {"step": step, "uid": batch["uid"].tolist(), "epoch": (batch["item"] // self._windows).tolist()}
+        with self._path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 class TrainingClock:
@@ -159,7 +249,7 @@ def _check_collapse(alarm: CollapseAlarm, row: dict[str, float], tracker: Tracke
     """Warn once (worker log + an MLflow tag) when SIGReg or the effective rank says collapse."""
     message = alarm.update(int(row["step"]), row["loss/sigreg"], row["embed/effective_rank"])
     if message:
-        print(f"lejepa: WARNING: {message}", file=sys.stderr)
+        warn(message)
         tracker.set_tags({"lejepa.collapse_alarm": message})
 
 

@@ -8,16 +8,19 @@ encoder, and its accuracy is the optimistic online number, not an offline probe.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from lejepa_platform.config import RunConfig, warmup_steps
-from lejepa_platform.data.views import normalize
+from lejepa_platform.data.views import augment_views, normalize
 from lejepa_platform.eval.geometry import effective_rank
 from lejepa_platform.loss import lejepa_loss, slice_directions
 from lejepa_platform.model import build_encoder, use_plain_attention
+from lejepa_platform.schedule import warmup_cosine
+
+
+VIEW_KEYS = ("global", "local", "global_params", "local_params")
+"""Batch columns that go to the device: uint8 views and, with device augmentation, their photometric numbers."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,7 +31,7 @@ class Pretrainer(nn.Module):
     """Encoder plus an optional online linear probe (LayerNorm + Linear) on detached embeddings.
 
     `device` is where it will train (the caller moves it there): on CPU, attention takes the plain
-    path (`model.use_plain_attention`), which is faster there.
+    path (`model.use_plain_attention`), which is faster there. train.compile compiles the encoder.
     """
 
     def __init__(self, cfg: RunConfig, num_classes: int, *, device: torch.device | str = "cpu"):
@@ -36,6 +39,8 @@ class Pretrainer(nn.Module):
         self.encoder = build_encoder(cfg.model)
         if torch.device(device).type == "cpu":
             use_plain_attention(self.encoder)
+        if cfg.train.compile:
+            self.encoder.compile()  # in place: the state dict keeps its keys
         self.probe = (nn.Sequential(nn.LayerNorm(self.encoder.embed_dim), nn.Linear(self.encoder.embed_dim, num_classes))
                       if cfg.train.probe and num_classes > 0 else None)
 
@@ -61,13 +66,7 @@ def make_optimizer(model: Pretrainer, cfg: RunConfig) -> torch.optim.AdamW:
 def lr_factor(position: float, cfg: RunConfig) -> float:
     """Linear warmup to 1, then cosine down to 1/1000 at the last step; `position` is the step on
     that schedule (the optimizer step itself, or further along under a time budget)."""
-    warm = warmup_steps(cfg)
-    if position < warm:
-        return (position + 1) / warm
-    span = max(cfg.train.steps - warm, 1)
-    progress = min((position - warm) / span, 1.0)
-    floor = 1e-3
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(position, warmup_steps(cfg), cfg.train.steps)
 
 
 def schedule_position(step: int, cfg: RunConfig, trained_s: float, step_s: float) -> tuple[float, bool]:
@@ -110,9 +109,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     """
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step if position is None else position, cfg)
-    global_views = normalize(batch["global"].to(device, non_blocking=True))
-    local = batch.get("local")
-    local_views = normalize(local.to(device, non_blocking=True)) if local is not None and local.shape[1] else None
+    views = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in VIEW_KEYS}
+    if "global_params" in views:  # data.augment_on = device: the photometric half of the views runs here
+        views = augment_views(views, cfg.data)
+    global_views = normalize(views["global"])
+    local = views.get("local")
+    local_views = normalize(local) if local is not None and local.shape[1] else None
     g = global_views.shape[1]
 
     dtype = autocast_dtype(cfg, device)

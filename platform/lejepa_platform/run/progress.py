@@ -1,4 +1,4 @@
-"""A live progress line on the driver while `TorchTrainer.fit()` runs.
+"""A live progress line on the driver while `TorchTrainer.fit()` runs, and the way back: a stop request.
 
 Ray Train V2 calls user callbacks on its controller actor, not on the driver, so the callback
 posts the latest rank-0 metrics to a tiny actor and a driver thread polls it and redraws one
@@ -18,16 +18,23 @@ from ray.train import UserCallback
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Holds the latest metrics row reported by rank 0."""
+    """Holds the latest metrics row reported by rank 0, and whether the driver asked the run to stop."""
 
     def __init__(self) -> None:
         self._latest: dict[str, Any] | None = None
+        self._stop = False
 
     def post(self, row: dict[str, Any]) -> None:
         self._latest = row
 
     def latest(self) -> dict[str, Any] | None:
         return self._latest
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
 
 
 class ProgressCallback(UserCallback):

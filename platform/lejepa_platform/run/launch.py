@@ -11,47 +11,49 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
-from lejepa_platform.config import (
-    RunConfig,
-    TrainConfig,
-    apply_overrides,
-    flatten,
-    from_dict,
-    per_worker_batch_size,
-    to_dict,
-    warmup_steps,
-)
-from lejepa_platform.console import say
-from lejepa_platform.data.pipeline import DataStats, count_rows, train_dataset
+from lejepa_platform.artifacts import CONFIG_FILE
+from lejepa_platform.capacity import check_room_for_data
+from lejepa_platform.config import RunConfig, TrainConfig, flatten, per_worker_batch_size, to_dict, warmup_steps
+from lejepa_platform.overrides import apply_overrides, from_dict
+from lejepa_platform.console import say, warn
+from lejepa_platform.data.pipeline import DataStats
+from lejepa_platform.data.reader import UNIT_ROWS, Plan, plan_source
+from lejepa_platform.data.stream import window_units, windows_per_epoch
 from lejepa_platform.data.shards import read_manifest
 from lejepa_platform.defaults import default_run_config
-from lejepa_platform.errors import RunFailed, UserError
-from lejepa_platform.model import build_encoder
+from lejepa_platform.errors import RunFailed, RunStopped, UserError
+from lejepa_platform.run.evaluate import check_eval_data
+from lejepa_platform.model import check_backbone
 from lejepa_platform.ray_env import init_ray
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.tracking import MLflowTracker, resolve_tracking_uri, run_environment_tags
-from lejepa_platform.train.finalize import finalize_run
-from lejepa_platform.train.loop import worker_loop
-from lejepa_platform.train.progress import ProgressBoard, ProgressCallback, ProgressPrinter
-from lejepa_platform.train.storage import absolute_storage, read_run_record, run_exists, write_run_record
+from lejepa_platform.run.finalize import finalize_run
+from lejepa_platform.train.checkpoint import load_checkpoint
+from lejepa_platform.train.loop import RECORD_IDS_ENV, worker_loop
+from lejepa_platform.run.progress import ProgressBoard, ProgressCallback, ProgressPrinter
+from lejepa_platform.run.stop import SIGNAL_EXIT_CODES, fit_with_stop_signals
+from lejepa_platform.run.storage import absolute_storage, read_run_record, run_exists, write_run_record
 
 
 @dataclasses.dataclass(frozen=True)
 class DataFacts:
-    """What the driver learns about the data before starting workers."""
+    """What the driver learns about the data before starting workers (planned once, sent to every rank)."""
 
-    rows: int
+    plan: Plan
     num_classes: int
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
 
 
 def resolve_config(recipe: str | None, overrides: list[str]) -> RunConfig:
@@ -61,22 +63,24 @@ def resolve_config(recipe: str | None, overrides: list[str]) -> RunConfig:
 
 
 def preflight(cfg: RunConfig) -> DataFacts:
-    """Checks that need no workers: backbone known to timm, data present and large enough."""
-    with torch.device("meta"):
-        build_encoder(cfg.model)
-    rows = count_rows(cfg.data)
+    """Checks that need no workers: backbone known to timm, data present and large enough, eval.data usable."""
+    check_backbone(cfg.model)
+    check_eval_data(cfg)
+    plan = plan_source(cfg.data.source, cfg.data.split)
+    rows = plan.rows
     if rows < cfg.data.batch_size:
         raise UserError(f"data.source {cfg.data.source!r} split {cfg.data.split!r} has {rows} images, "
                         f"fewer than data.batch_size = {cfg.data.batch_size}")
     manifest = _manifest_or_empty(cfg.data.source)
-    return DataFacts(rows=rows, num_classes=len(manifest.get("classes", [])))
+    return DataFacts(plan=plan, num_classes=len(manifest.get("classes", [])))
 
 
-def epochs_needed(cfg: RunConfig, rows: int) -> int:
-    """Whole epochs the stream must cover: each worker drops its last partial batch per epoch."""
-    per_worker = per_worker_batch_size(cfg)
-    steps_per_epoch = max((rows // cfg.train.workers) // per_worker - 1, 1)
-    return math.ceil(cfg.train.steps / steps_per_epoch) + 1
+def epochs_needed(cfg: RunConfig, plan: Plan) -> int:
+    """Whole epochs the ranks' streams must cover: the run's images, plus a shuffle window per rank
+    (ranks take whole windows, so one may run a window ahead of another), plus one epoch of margin."""
+    images = cfg.train.steps * cfg.data.batch_size
+    slack = cfg.train.workers * window_units(cfg.data) * UNIT_ROWS
+    return math.ceil((images + slack) / plan.rows) + 1
 
 
 def connect_ray(address: str | None) -> bool:
@@ -92,6 +96,16 @@ def connect_ray(address: str | None) -> bool:
     return not address
 
 
+def worker_resources(cfg: RunConfig) -> dict[str, float]:
+    """What one Ray Train worker holds."""
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+
+
+def trainer_resources(cfg: RunConfig) -> dict[str, float]:
+    """What all workers hold together: left out of what the ranks' data tasks may schedule on."""
+    return {key: value * cfg.train.workers for key, value in worker_resources(cfg).items()}
+
+
 def check_resources(cfg: RunConfig, final: bool) -> None:
     """On a cluster that cannot grow, refuse workers it can never place (and leave CPU for Data)."""
     if not final:
@@ -102,10 +116,7 @@ def check_resources(cfg: RunConfig, final: bool) -> None:
     if cfg.train.use_gpu and gpus < cfg.train.workers:
         raise UserError(f"train.workers = {cfg.train.workers} with train.use_gpu needs {cfg.train.workers} GPUs; "
                         f"this cluster has {gpus:g}")
-    if need_cpu >= cpus:
-        raise UserError(f"train.workers x train.cpus_per_worker = {need_cpu:g} CPUs, but this cluster has {cpus:g} "
-                        "and Ray Data needs some left to read and augment images; lower train.workers or "
-                        "train.cpus_per_worker")
+    check_room_for_data(need_cpu, cpus, "train.workers x train.cpus_per_worker")
 
 
 def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None = None, quiet: bool = False,
@@ -130,7 +141,7 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
         tracker.log_params(flatten(cfg))
         tracker.log_params({"derived.per_worker_batch_size": per_worker_batch_size(cfg),
                             "derived.warmup_steps": warmup_steps(cfg), "derived.data_rows": facts.rows})
-        tracker.log_dict(to_dict(cfg), "config.json")
+        tracker.log_dict(to_dict(cfg), CONFIG_FILE)
         write_run_record(storage, name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
                                          "tracking_uri": tracking_uri})
     say(quiet, f"run {name}: MLflow run {tracker.run_id} at {tracking_uri}")
@@ -142,39 +153,58 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"run": to_dict(cfg), "num_classes": facts.num_classes,
-                           "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id},
+                           "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id,
+                           "plan": facts.plan, "epochs": epochs_needed(cfg, facts.plan),
+                           "windows_per_epoch": windows_per_epoch(facts.plan, cfg.data),
+                           "reserved": trainer_resources(cfg), "data_stats": data_stats, "board": board,
+                           "ids_log": os.environ.get(RECORD_IDS_ENV)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}),
+            resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[ProgressCallback(board), *callbacks]),
-        datasets={"train": train_dataset(cfg.data, seed=cfg.train.seed, epochs=epochs_needed(cfg, facts.rows),
-                                         stats=data_stats)},
     )
     started = time.monotonic()
+    resume_hint = f"lejepa pretrain --resume {name}" + (
+        f" --set train.storage_path={storage}" if cfg.train.storage_path != TrainConfig.storage_path else "")
     try:
         with ProgressPrinter(board, cfg.train.steps, time_budget_s=cfg.train.time_budget_s, enabled=not quiet):
-            result = trainer.fit()
+            result, stop_signal = fit_with_stop_signals(trainer, board, quiet=quiet)
     except ray.train.TrainingFailedError as err:
         tracker.finish("FAILED")
         raise RunFailed(f"{name}: {_root_cause(err)} (last good checkpoint kept under {storage}/{name})") from err
-    except BaseException:  # Ctrl-C (Ray Train turns it into SystemExit after aborting the workers)
+    except BaseException:  # a second Ctrl-C / SIGTERM: stopped at once, from the last checkpoint
         tracker.finish("KILLED")
-        print(f"\nstopped; continue with: lejepa pretrain --resume {name}"
-              + (f" --set train.storage_path={storage}" if cfg.train.storage_path != TrainConfig.storage_path else ""),
-              file=sys.stderr)
+        warn(f"stopped; continue with: {resume_hint}")
         raise
+    if stop_signal is not None and result.checkpoint is not None:
+        tracker.finish("KILLED")
+        with result.checkpoint.as_directory() as directory:
+            stopped_at = load_checkpoint(directory)[0].step
+        raise RunStopped(f"{name}: stopped by {signal.Signals(stop_signal).name} after step {stopped_at} "
+                         f"(checkpoint written); continue with: {resume_hint}", exit_code=SIGNAL_EXIT_CODES[stop_signal])
     if result.checkpoint is None:
         tracker.finish("FAILED")
         raise RunFailed(f"{name}: training ended without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        summary = finalize_run(cfg, tracker, Path(directory), quiet=quiet)
-    data_summary = data_stats.log_summary()
-    tracker.log_metrics({"data/records_read": data_summary["records"], "data/records_skipped": data_summary["skipped"]},
-                        step=summary["steps"])
+    checkpoint = f"{storage}/{name}/{Path(result.checkpoint.path).name}"
+    try:  # nothing after training may leave the run looking alive
+        with result.checkpoint.as_directory() as directory:
+            summary = finalize_run(cfg, tracker, Path(directory), quiet=quiet)
+        data_summary = data_stats.log_summary()
+        tracker.log_metrics({"data/records_read": data_summary["records"],
+                             "data/records_skipped": data_summary["skipped"]}, step=summary["steps"])
+    except Exception as err:
+        tracker.finish("FAILED")
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        raise RunFailed(f"{name}: training finished but the end of the run failed: {detail}; the trained checkpoint "
+                        f"is {checkpoint}; evaluate it later with: lejepa eval {checkpoint} --data "
+                        f"{cfg.eval.data or cfg.data.source}") from err
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
     tracker.finish("FINISHED")
     summary.update({"data": {"records_read": data_summary["records"], "skipped": data_summary["reasons"]},
                     "name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,
@@ -190,7 +220,12 @@ def pretrain_from_cli(recipe: str | None, *, overrides: list[str], resume: str |
             raise UserError("--resume takes the config recorded with the run; do not pass a recipe as well")
         storage_override = [o for o in overrides if o.startswith("train.storage_path=")]
         storage = absolute_storage(resolve_config(None, storage_override).train.storage_path)
-        cfg = apply_overrides(from_dict(RunConfig, read_run_record(storage, resume)["config"]), overrides)
+        recorded = from_dict(RunConfig, read_run_record(storage, resume)["config"])
+        cfg = apply_overrides(recorded, overrides)
+        if cfg.train.workers != recorded.train.workers:
+            raise UserError(f"train.workers = {cfg.train.workers} is not allowed with --resume {resume}: each rank's "
+                            f"data position is in the checkpoint, so resume with train.workers = "
+                            f"{recorded.train.workers}")
     else:
         cfg = resolve_config(recipe, overrides)
     return pretrain(cfg, resume=resume, address=address, quiet=quiet)
