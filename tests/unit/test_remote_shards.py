@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data import shards
+from lejepa_platform.data.shards import build as shards
 from lejepa_platform.data.sources import base as sources
 from lejepa_platform.data.evalset import load_eval_set
 from lejepa_platform.data.reader import eval_blocks, plan_source

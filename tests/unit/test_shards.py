@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lejepa_platform.data import shards
+from lejepa_platform.data.shards import build as shards
 from lejepa_platform.data.shards import build_shards, inspect_shards, read_manifest, resolve_source, split_mask
 from lejepa_platform.data.sources import ShardSource
 from lejepa_platform.errors import UserError

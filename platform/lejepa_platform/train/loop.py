@@ -225,8 +225,11 @@ class TrainingClock:
 
     def tick(self) -> tuple[float, float]:
         """Called as each step starts: (training seconds so far, mean seconds per step)."""
+        first = self._origin is None
+        if first and self._agree:  # every rank starts counting together, once the slowest has its first batch
+            torch.distributed.barrier()
         now = time.perf_counter()
-        if self._origin is None:
+        if first:
             self._origin = now - self._before_s
         else:
             took = now - self._last_tick

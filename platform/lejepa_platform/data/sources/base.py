@@ -96,10 +96,7 @@ class Source:
 
     def fingerprint(self) -> str:
         """Changes whenever the records could change (paths and sizes of the files read)."""
-        digest = hashlib.sha256(self.kind.encode())
-        for file in self._files():
-            digest.update(f"{file.name}\t{file.stat().st_size}\n".encode())
-        return digest.hexdigest()
+        return files_fingerprint(self.kind, [(file.name, file.stat().st_size) for file in self._files()])
 
     def records(self, skip: int = 0) -> Iterator[RawRecord]:
         raise NotImplementedError
@@ -110,6 +107,19 @@ class Source:
     def describe(self) -> dict:
         """What the manifest records about the source: kind and name only (no machine paths)."""
         return {"kind": self.kind, "name": self.name}
+
+
+def files_fingerprint(kind: str, files: list[tuple[str, int]]) -> str:
+    """A digest of a source's kind and its files' (name, size) pairs."""
+    digest = hashlib.sha256(kind.encode())
+    for name, size in files:
+        digest.update(f"{name}\t{size}\n".encode())
+    return digest.hexdigest()
+
+
+def filesystem_sizes(filesystem: pafs.FileSystem, files: list[str]) -> list[tuple[str, int]]:
+    """(name, size) of files behind a pyarrow filesystem."""
+    return [(info.base_name, info.size) for info in filesystem.get_file_info(files)]
 
 
 def classes_txt(folder: Path | str, filesystem: pafs.FileSystem = LOCAL_FS) -> list[str]:

@@ -10,7 +10,6 @@ train-*.parquet and test-*.parquet files has that fixed split (`file_splits`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lejepa_platform.data.sources.base import RawRecord, Source, is_uri, locate
+from lejepa_platform.data.sources.base import RawRecord, Source, files_fingerprint, filesystem_sizes, is_uri, locate
 from lejepa_platform.errors import UserError
 
 IMAGE_COLUMN = "image"
@@ -102,10 +101,7 @@ class HubParquetSource(Source):
         return groups if all(groups.values()) else None
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.kind.encode())
-        for info in self.filesystem.get_file_info(self.files):
-            digest.update(f"{info.base_name}\t{info.size}\n".encode())
-        return digest.hexdigest()
+        return files_fingerprint(self.kind, filesystem_sizes(self.filesystem, self.files))
 
     def records(self, skip: int = 0) -> Iterator[RawRecord]:
         seen = 0

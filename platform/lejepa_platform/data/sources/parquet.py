@@ -3,7 +3,6 @@ builtin:NAME, local or behind a URI; plus the manifest a finished build writes."
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lejepa_platform.data.sources.base import MANIFEST, SHARD_COLUMNS, RawRecord, Source, classes_txt, is_uri, locate
+from lejepa_platform.data.sources.base import (MANIFEST, SHARD_COLUMNS, RawRecord, Source, classes_txt, files_fingerprint,
+                                               filesystem_sizes, is_uri, locate)
 from lejepa_platform.errors import UserError
 
 FOOTER_THREADS = 16
@@ -74,10 +74,7 @@ class ShardSource(Source):
         return classes_txt(self.path if self.is_dir else self.path.parent, self.filesystem)
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.kind.encode())
-        for info in self.filesystem.get_file_info(self.files):
-            digest.update(f"{info.base_name}\t{info.size}\n".encode())
-        return digest.hexdigest()
+        return files_fingerprint(self.kind, filesystem_sizes(self.filesystem, self.files))
 
     def records(self, skip: int = 0) -> Iterator[RawRecord]:
         seen = 0

@@ -1,5 +1,4 @@
-"""Write, read and inspect Parquet image shards: columns image (encoded bytes), label (int64, -1 when
-unlabelled), id (string, stable across rebuilds), plus a manifest.json.
+"""Build Parquet image shards from any source.
 
 Atomicity: a build writes into the sibling directory `OUT.partial`; each shard appears there only by
 an atomic rename of a finished file, and the whole directory is renamed to OUT after the manifest is
@@ -11,10 +10,6 @@ Object storage: OUT may be a URI (s3://, gs://, hdfs://, file://). The build the
 local staging directory (under the system temporary directory, kept until the upload succeeds, so a
 re-run resumes it), after which every shard is uploaded and the manifest last: a reader that finds
 the manifest finds every shard it names. A re-run after a failed upload uploads every shard again.
-
-Split: with `test_fraction` > 0 a fixed train/test split is recorded in the manifest, not in the
-shards: a record is in the test split when a seeded 63-bit hash of its id is at most its class's
-threshold; thresholds are chosen so each class contributes exactly round(fraction * class size).
 """
 
 from __future__ import annotations
@@ -42,11 +37,11 @@ from lejepa_platform import __version__
 from lejepa_platform.batching import chunks
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data.decode import BadImage, array_to_image, count_reasons, encode, load_image, open_image
-from lejepa_platform.data.sources import (LOCAL_FS, MANIFEST, SHARD_COLUMNS, RawRecord, ShardSource, is_uri, locate,
-                                          open_source, read_manifest, resolve_source)
+from lejepa_platform.data.sources import (LOCAL_FS, MANIFEST, SHARD_COLUMNS, RawRecord, is_uri, locate,
+                                          open_source, read_manifest)
 from lejepa_platform.errors import UserError
 
-__all__ = ["build_shards", "inspect_shards", "read_manifest", "resolve_source", "split_mask", "split_rows"]
+from lejepa_platform.data.shards.split import split_key, split_spec
 
 FORMAT = "lejepa-shards/1"
 ROW_GROUP_ROWS = 256
@@ -57,51 +52,6 @@ _STATE = "build.json"
 _META_END = b"lejepa.source_end"
 _META_SKIPPED = b"lejepa.skipped"
 
-
-# --------------------------------------------------------------------------------------------
-# The fixed split
-
-
-def split_key(seed: int, record_id: str) -> int:
-    """Seeded 63-bit hash of a record id (independent of process, platform and row order)."""
-    digest = hashlib.blake2b(f"{seed}\x00{record_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-def _split_spec(labels: np.ndarray, keys: np.ndarray, fraction: float, seed: int) -> dict:
-    thresholds: dict[str, int] = {}
-    test = 0
-    for label in np.unique(labels):
-        group = np.sort(keys[labels == label])
-        k = int(round(fraction * len(group)))
-        thresholds[str(int(label))] = int(group[k - 1]) if k > 0 else -1
-        test += k
-    return {"method": "stratified" if (labels >= 0).any() else "random", "seed": seed, "test_fraction": fraction,
-            "rows": {"train": int(len(labels) - test), "test": int(test)}, "test_max_key": thresholds}
-
-
-def split_mask(ids: Sequence[str], labels: Sequence[int] | np.ndarray, spec: dict | None, split: str) -> np.ndarray:
-    """Boolean mask of the rows in `split` (train, test or all) under a manifest's split spec."""
-    if split == "all" or spec is None:
-        return np.ones(len(ids), dtype=bool)
-    thresholds = spec["test_max_key"]
-    seed = spec["seed"]
-    test = np.fromiter((split_key(seed, i) <= thresholds.get(str(int(lab)), -1) for i, lab in zip(ids, labels)),
-                       dtype=bool, count=len(ids))
-    return test if split == "test" else ~test
-
-
-def split_rows(source: str) -> dict[str, int] | None:
-    """{"train": n, "test": n} when the source has a fixed split, else None (all rows only)."""
-    filesystem, root = locate(source)
-    if filesystem.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
-        split = read_manifest(root, filesystem, where=source).get("split")
-        return dict(split["rows"]) if split else None
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Building
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +92,7 @@ def _convert(record: RawRecord, opts: _Options) -> bytes | str:
         return "undecodable"
 
 
-def _digest(table: pa.Table) -> str:
+def digest_table(table: pa.Table) -> str:
     digest = hashlib.sha256()
     for image, label, record_id in zip(table.column("image").to_pylist(), table.column("label").to_pylist(),
                                        table.column("id").to_pylist()):
@@ -273,7 +223,7 @@ def build_shards(source: str, out: str, *, rows_per_shard: int = 4096, image_for
     manifest.update({"source": src.describe(), "image_format": image_format, "max_side": max_side,
                      "rows_per_shard": rows_per_shard})
     labels, keys = manifest.pop("_labels"), manifest.pop("_keys")
-    manifest["split"] = _split_spec(labels, keys, test_fraction, split_seed) if test_fraction > 0 else None
+    manifest["split"] = split_spec(labels, keys, test_fraction, split_seed) if test_fraction > 0 else None
     manifest["build"] = {"plan": plan, "tool": f"lejepa_platform {__version__}"}
     manifest = {"format": FORMAT, "name": (meta or {}).get("name", out_path.name), **(meta or {}), **manifest}
     staging.finish(manifest)
@@ -350,7 +300,7 @@ def _write_all(src, staging: _Staging, done: list[Path], names: list[str], rows_
         meta = pq.read_schema(path).metadata or {}
         consumed = int(meta[_META_END])
         skipped.update(json.loads(meta[_META_SKIPPED]))
-        shards.append({"file": path.name, "rows": table.num_rows, "sha256": _digest(table)})
+        shards.append({"file": path.name, "rows": table.num_rows, "sha256": digest_table(table)})
         labels.append(table.column("label").to_numpy())
         keys.append(np.array([split_key(split_seed, i) for i in table.column("id").to_pylist()], dtype=np.int64))
     buffer: list[tuple[bytes, int, str]] = []
@@ -362,7 +312,7 @@ def _write_all(src, staging: _Staging, done: list[Path], names: list[str], rows_
                                       pa.array([b[2] for b in buffer], pa.string())], schema=SCHEMA)
         table = table.replace_schema_metadata({_META_END: str(consumed), _META_SKIPPED: json.dumps(shard_skipped)})
         path = staging.write(len(shards), table)
-        shards.append({"file": path.name, "rows": table.num_rows, "sha256": _digest(table)})
+        shards.append({"file": path.name, "rows": table.num_rows, "sha256": digest_table(table)})
         labels.append(table.column("label").to_numpy())
         keys.append(np.array([split_key(split_seed, b[2]) for b in buffer], dtype=np.int64))
         skipped.update(shard_skipped)
@@ -411,54 +361,3 @@ def _summary(out: Path | str, manifest: dict, status: str, resumed: int, started
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
-
-# --------------------------------------------------------------------------------------------
-# Inspecting
-
-
-def _check_record(data: bytes) -> str | None:
-    try:
-        load_image(data, MAX_PIXELS)
-    except BadImage as err:
-        return err.reason
-    return None
-
-
-def inspect_shards(path: str) -> dict:
-    """Rows, class counts, shards, split and unreadable records (every image is decoded)."""
-    filesystem, root = locate(path)
-    is_dir = filesystem.get_file_info(root).type == pafs.FileType.Directory
-    names = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(root))] if is_dir else []
-    if not (root.endswith(".parquet") or MANIFEST in names or any(n.endswith(".parquet") for n in names)):
-        raise UserError(f"{path!r} is not a shard directory (no {MANIFEST} or .parquet files)")
-    source = ShardSource(path)
-    manifest = source.manifest
-    names = source.class_names()
-    counts: Counter = Counter()
-    bad: Counter = Counter()
-    examples: list[str] = []
-    shards = []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for file, info in zip(source.files, source.filesystem.get_file_info(source.files)):
-            table = pq.read_table(file, columns=list(SHARD_COLUMNS), filesystem=source.filesystem)
-            ids = table.column("id").to_pylist()
-            counts.update(table.column("label").to_pylist())
-            for record_id, reason in zip(ids, pool.map(_check_record, table.column("image").to_pylist())):
-                if reason:
-                    bad[reason] += 1
-                    if len(examples) < 5:
-                        examples.append(record_id)
-            shards.append({"file": info.base_name, "rows": table.num_rows, "bytes": info.size,
-                           "sha256": _digest(table)})
-    labels = sorted(k for k in counts if k >= 0)
-    classes = [{"label": k, "name": names[k] if k < len(names) else str(k), "count": counts[k]} for k in labels]
-    result = {"path": path if is_uri(path) else root, "rows": sum(s["rows"] for s in shards), "classes": classes,
-              "unlabelled": counts.get(-1, 0), "shards": shards,
-              "unreadable": {"total": sum(bad.values()), **count_reasons([bad]), "examples": examples},
-              "manifest": manifest is not None}
-    if manifest is not None:
-        content = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
-        result["split"] = (manifest.get("split") or {}).get("rows")
-        result["content_hash"] = content
-        result["content_hash_matches_manifest"] = content == manifest.get("content_hash")
-    return result
