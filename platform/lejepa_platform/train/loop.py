@@ -95,7 +95,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                           world=world, position=position, photometric=augment_placement(cfg) == "data",
                           per_worker=per_worker, bounded=True, reserved=loop_config.get("reserved"),
                           stats=loop_config.get("data_stats"))
-    batches = stream.iter_torch_batches(batch_size=per_worker, drop_last=True, device="cpu",
+    # The executor runs in a coordinator actor of its own (a split of one): inside this process its
+    # scheduling loop would hold the GIL the training step needs between its ops.
+    batches = stream.streaming_split(1)[0].iter_torch_batches(batch_size=per_worker, drop_last=True, device="cpu",
                                         pin_memory=device.type == "cuda", prefetch_batches=PREFETCH_BATCHES)
     ids_log = IdLog.open(loop_config.get("ids_log"), rank, loop_config["windows_per_epoch"])
     stop = StopRequests(loop_config.get("board"), rank=rank, world=world, device=device)
