@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import tarfile
 import zlib
 from types import SimpleNamespace
 
@@ -75,8 +76,28 @@ def png_claiming(width: int, height: int) -> bytes:
 @pytest.fixture(scope="session")
 def image_tools() -> SimpleNamespace:
     """encode(array, fmt, **kw) -> bytes; colour(grey, tint, (w, h)) -> RGB array;
-    bomb(w, h) -> PNG bytes claiming that size."""
-    return SimpleNamespace(encode=encode, colour=colour_image, bomb=png_claiming)
+    bomb(w, h) -> PNG bytes claiming that size; write_tar(path, [(name, bytes), ...])."""
+    return SimpleNamespace(encode=encode, colour=colour_image, bomb=png_claiming, write_tar=write_tar)
+
+
+def write_tar(path, samples) -> None:
+    """A tar archive of (member name, bytes) pairs, as WebDataset shards are."""
+    with tarfile.open(path, "w") as archive:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Views run single-threaded, as in a data worker (also one fixed order of reductions)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -95,15 +94,7 @@ def test_npy_and_npz_round_trip(tmp_path, fmnist_sample):
         np.testing.assert_array_equal(pixels(record.payload), chw[i].transpose(1, 2, 0))
 
 
-def write_tar(path, samples):
-    with tarfile.open(path, "w") as archive:
-        for name, data in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-
-
-def test_webdataset_tars_round_trip(tmp_path, fmnist_sample):
+def test_webdataset_tars_round_trip(tmp_path, fmnist_sample, image_tools):
     folder = tmp_path / "wds"
     folder.mkdir()
     pngs, labels = fmnist_sample["png"], fmnist_sample["labels"]
@@ -112,7 +103,7 @@ def test_webdataset_tars_round_trip(tmp_path, fmnist_sample):
         for i in range(shard * 5, shard * 5 + 5):
             samples += [(f"s{i:03d}.png", pngs[i]), (f"s{i:03d}.cls", f"{labels[i]}\n".encode()),
                         (f"s{i:03d}.json", b"{}")]
-        write_tar(folder / f"shard-{shard}.tar", samples)
+        image_tools.write_tar(folder / f"shard-{shard}.tar", samples)
     summary = build_shards(str(folder), str(tmp_path / "out"))
     assert summary["rows"] == 10 and summary["source"]["kind"] == "webdataset"
     records = rows(tmp_path / "out")

@@ -5,7 +5,6 @@ come from a stored index; probe sets without a manifest split get a seeded, exac
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -144,15 +143,7 @@ def test_list_naming_a_missing_file_is_one_line_and_leaves_nothing(class_folder,
     assert not out.exists() and not out.with_name("out.partial").exists()
 
 
-def write_tar(path, samples):
-    with tarfile.open(path, "w") as archive:
-        for name, data in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-
-
-def test_tar_rows_come_from_a_stored_index_not_from_reading_records(tmp_path, fmnist_sample, monkeypatch):
+def test_tar_rows_come_from_a_stored_index_not_from_reading_records(tmp_path, fmnist_sample, monkeypatch, image_tools):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "wds"
     folder.mkdir()
@@ -164,7 +155,7 @@ def test_tar_rows_come_from_a_stored_index_not_from_reading_records(tmp_path, fm
             if i % 3:
                 samples.append((f"s{i:03d}.cls", f"{labels[i]}".encode()))
         samples.append(("orphan.json", b"{}"))  # no image member: not a row
-        write_tar(folder / f"shard-{shard}.tar", samples)
+        image_tools.write_tar(folder / f"shard-{shard}.tar", samples)
     plan = plan_source(str(folder), "all")
     expected_labelled = sum(1 for i in [*range(7), *range(7, 12)] if i % 3)
     assert (plan.rows, plan.labelled, len(plan.units)) == (12, expected_labelled, 2)
@@ -178,7 +169,7 @@ def test_tar_rows_come_from_a_stored_index_not_from_reading_records(tmp_path, fm
     assert plan_source(str(folder), "all").rows == 12
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    write_tar(folder / "shard-1.tar", [("a.png", pngs[0]), ("b.png", pngs[1])])  # changed: indexed again
+    image_tools.write_tar(folder / "shard-1.tar", [("a.png", pngs[0]), ("b.png", pngs[1])])  # changed: indexed again
     assert plan_source(str(folder), "all").rows == 9
 
 

@@ -16,19 +16,10 @@ from lejepa_platform.config import DataConfig
 from lejepa_platform.data import views as V
 from lejepa_platform.defaults import default_run_config
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 PAPER = DataConfig()  # 2 x 224 + 6 x 96, every photometric op at the paper's probabilities
 DEFAULT = default_run_config().data  # the embedded default: 4 x 32, no local views, no blur
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As in a data worker; also keeps reductions in one fixed order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,21 +13,12 @@ import torchvision.transforms.functional as TF
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data import views as V
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 PAPER = DataConfig()  # 2 x 224 global (scale 0.3-1) + 6 x 96 local (0.05-0.3)
 SMALL = DataConfig(global_views=4, global_size=32, local_views=0)
 PLAIN = dataclasses.replace(SMALL, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 PLAIN_PAPER = dataclasses.replace(PAPER, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Views run single-threaded in data workers; intra-op threads only slow these small ops down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
