@@ -89,8 +89,11 @@ def test_plain_attention_computes_what_fused_attention_computes():
     plain = enc(glob, loc)
     plain_grads = torch.autograd.grad(plain.projections.square().sum(), list(enc.backbone.parameters()))
     assert torch.allclose(plain.projections, fused.projections, atol=1e-5)
-    for a, b in zip(plain_grads, fused_grads):  # float rounding only: relative to each gradient's scale
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6
+    # float rounding only, relative to the largest gradient: some tensors' exact gradient is zero
+    # (a bias that softmax cancels), where both paths hold rounding noise of different sign
+    scale = max(b.abs().max() for b in fused_grads)
+    for a, b in zip(plain_grads, fused_grads):
+        assert (a - b).abs().max() <= 1e-5 * scale
     assert use_plain_attention(build_encoder(TINY_RESNET)) == 0
 
 
