@@ -30,9 +30,6 @@ def ray_cluster():
     # trial_driver: the custom resource sweep trials hold (see sweep/tune.py)
     init_ray(num_cpus=2, resources={"trial_driver": 2}, object_store_memory=500 * 1024**2, include_dashboard=True)
     try:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
         yield ray
     finally:
         ray.shutdown()

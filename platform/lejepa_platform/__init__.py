@@ -1,4 +1,4 @@
-"""LeJEPA pretraining platform: Ray Data views, Ray Train workers, exact SIGReg, MLflow tracking.
+"""LeJEPA pretraining platform: views built by Ray tasks, Ray Train workers, exact SIGReg, MLflow tracking.
 
 The import name is `lejepa_platform` (not `platform`, which would shadow the standard library,
 and not `lejepa`, the reference implementation's name).

@@ -77,7 +77,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Image shards and the multi-crop views built from them by Ray Data."""
+    """Image shards and the multi-crop views built from them by the data side."""
 
     source: str = "builtin:fashion-mnist-10k"
     """A shard directory (from `lejepa shards build`), an image folder, a WebDataset tar / folder of tars, or builtin:NAME."""
@@ -110,14 +110,14 @@ class DataConfig:
     shuffle_buffer: int = 256
     """Rows shuffled together, a pure function of (seed, epoch): each epoch permutes the source's units
     (a few hundred rows each), reads consecutive units holding at least this many rows as one window
-    and permutes its rows. Memory: the window's encoded images, in one Ray Data task."""
+    and permutes its rows. Memory: the window's encoded images, in each process building its views."""
     prefetch_batches: int = 8
-    """Batches of views each rank's stream may hold ahead of its trainer: the data side works at the
-    trainer's pace instead of spending CPU and object store on views a time-budgeted run never uses
-    (0: as far ahead as Ray Data's own object-store budget allows)."""
+    """Batches of views each rank's data tasks build ahead of its trainer: the data side works at the
+    trainer's pace instead of spending CPU and object store on views a time-budgeted run never uses,
+    and up to this many batches are built in parallel on the CPUs the trainers leave free."""
     augment_on: str = "auto"
     """Where the photometric half of the views (flip, colour jitter, grayscale, blur, solarize) runs:
-    "data" (Ray Data tasks, on CPU), "device" (the trainer, after the host-to-device copy; the data
+    "data" (the data tasks, on CPU), "device" (the trainer, after the host-to-device copy; the data
     side only decodes and crops) or "auto" ("device" when train.use_gpu, else "data"). Both give the
     same views for the same (seed, epoch, record id)."""
     max_image_pixels: int = 50_000_000
@@ -138,8 +138,7 @@ class DataConfig:
             _require(0.0 <= p <= 1.0, f"data.{name}", "a probability in [0, 1]", p)
         _require(self.batch_size >= 2, "data.batch_size", ">= 2", self.batch_size)
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
-        _require(self.prefetch_batches >= 0, "data.prefetch_batches", ">= 0 (0: Ray Data's default)",
-                 self.prefetch_batches)
+        _require(self.prefetch_batches >= 1, "data.prefetch_batches", ">= 1", self.prefetch_batches)
         _require(self.augment_on in AUGMENT_ON, "data.augment_on", f"one of {', '.join(AUGMENT_ON)}", self.augment_on)
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", ">= 1", self.max_image_pixels)
 
@@ -170,7 +169,7 @@ class TrainConfig:
     use_gpu: bool = False
     """One GPU per worker, bf16 autocast."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per worker; leave some for Ray Data on small machines."""
+    """CPUs reserved per worker; leave some for the data tasks on small machines."""
     torch_threads: int = 0
     """torch intra-op threads per worker; 0 means the worker's CPU reservation, rounded up."""
     precision: str = "auto"

@@ -8,11 +8,11 @@ that otherwise cost a small machine much of its speed (measurements in docs/perf
   controller next to nothing. As the job's runtime_env it reaches the controller on a joined
   cluster too.
 - GOMP_SPINCOUNT: torch's OpenMP threads spin a long time before sleeping when they wait for work;
-  on a CPU node they share the cores with Ray Data's view tasks and the spinning keeps the cores
+  on a CPU node they share the cores with the data side's view tasks and the spinning keeps the cores
   those tasks need. A short spin gives them back.
 - RAY_worker_niceness: Ray starts workers at niceness 15 so the driver and its daemons win the CPU;
   on a machine with a core or two the trainer is then preempted at every wake-up of the raylet, GCS,
-  dashboard agent and driver. The job's workers run at 0; trainer and Ray Data tasks keep equal
+  dashboard agent and driver. The job's workers run at 0; trainer and data tasks keep equal
   priority between themselves either way.
 """
 

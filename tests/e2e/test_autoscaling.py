@@ -1,6 +1,6 @@
 """A pretraining on an autoscaling cluster, simulated on one machine.
 
-The head offers 1 CPU; the run asks for 2 workers x 1 CPU (and Ray Data needs CPUs besides), so
+The head offers 1 CPU; the run asks for 2 workers x 1 CPU (and its data tasks need CPUs besides), so
 it can only run once the autoscaler has added nodes. The autoscaler uses Ray's fake multi-node
 provider (nodes are local processes) and removes nodes idle for 0.2 minutes.
 """

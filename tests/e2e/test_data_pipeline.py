@@ -1,4 +1,4 @@
-"""The Ray Data pipeline on a real local cluster: exact row counts per epoch and split, reproducible
+"""The Ray pipeline on a real local cluster: exact row counts per epoch and split, reproducible
 views in a fixed order, bad records skipped and counted without failing a task, folders and tars
 read directly, ranks reading disjoint parts, a stream resumed at a position, and a stream that
 stays a bounded distance ahead of a slow consumer."""
@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data.pipeline import DataStats, prefetch_bytes, rank_dataset, stream_block_rows
-from lejepa_platform.data.reader import plan_source, view_bytes
+from lejepa_platform.data.pipeline import (VIEW_TASK_NAME, DataStats, blocks_in_flight, rank_batches, rank_blocks,
+                                           stream_block_rows)
+from lejepa_platform.data.reader import plan_source
 from lejepa_platform.data.stream import StreamPosition
 from lejepa_platform.data.shards import build_shards
 from lejepa_platform.data.views import normalize
@@ -43,15 +44,15 @@ def config(source, **kw):
 
 
 def train_stream(cfg, **kw):
-    return rank_dataset(plan_source(cfg.source, cfg.split), cfg, **kw)
+    return rank_blocks(plan_source(cfg.source, cfg.split), cfg, **kw)
 
 
 def count_rows(cfg):
     return plan_source(cfg.source, cfg.split).rows
 
 
-def blocks(ds):
-    return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+def blocks(stream):
+    return list(stream)
 
 
 def column(batches, key):
@@ -116,7 +117,7 @@ def test_bad_records_are_skipped_counted_and_logged_once(ray_cluster, tmp_path, 
 
     failed = list_tasks(address=ray_cluster.get_runtime_context().gcs_address, filters=[("state", "=", "FAILED")],
                         raise_on_missing_output=False)
-    assert not [t for t in failed if "_train_udf" in (t.name or "")]
+    assert not [t for t in failed if VIEW_TASK_NAME in (t.name or "")]
 
 
 def test_ranks_read_disjoint_parts_and_resume_at_their_position(ray_cluster, small):
@@ -133,28 +134,33 @@ def test_ranks_read_disjoint_parts_and_resume_at_their_position(ray_cluster, sma
     rest = blocks(train_stream(cfg, seed=1, epochs=2, rank=1, world=2, position=StreamPosition().after(item, row)))
     for key in ("global", "label", "uid", "item", "row"):
         assert np.array_equal(column(rest, key), column(whole, key)[cut:]), key
-    for batch in train_stream(cfg, seed=1, epochs=1).iter_torch_batches(batch_size=4, drop_last=True):
+    plan = plan_source(cfg.source, cfg.split)
+    batches = list(rank_batches(plan, cfg, seed=1, epochs=1, batch_rows=4))
+    assert len(batches) == 45 // 4  # the last partial batch is dropped
+    for key in ("global", "uid", "item", "row"):  # the blocks' rows, in order, cut into batches
+        assert np.array_equal(torch.cat([b[key] for b in batches]).numpy(),
+                              column(blocks(train_stream(cfg, seed=1, epochs=1)), key)[:44]), key
+    for batch in batches:
         assert batch["global"].shape == (4, 2, 3, 32, 32) and batch["global"].dtype == torch.uint8
         assert normalize(batch["global"]).dtype == torch.float32
 
 
 def test_the_stream_stays_a_bounded_distance_ahead_of_a_slow_consumer(ray_cluster):
-    cfg = DataConfig(global_views=4, global_size=32, local_views=0, batch_size=128, prefetch_batches=4)
-    ahead = {}
-    for bounded in (True, False):
+    ahead, in_flight = {}, {}
+    for prefetch in (1, 4):
+        cfg = DataConfig(global_views=4, global_size=32, local_views=0, batch_size=128, prefetch_batches=prefetch)
         stats = DataStats()
-        stream = train_stream(cfg, seed=0, epochs=4, per_worker=128, bounded=bounded, stats=stats)
-        batches = iter(stream.iter_torch_batches(batch_size=128, prefetch_batches=1))
+        batches = rank_batches(plan_source(cfg.source, cfg.split), cfg, seed=0, epochs=4, batch_rows=128, stats=stats)
         consumed = sum(len(next(batches)["uid"]) for _ in range(4))
         time.sleep(6)  # a slow trainer: the data side has to wait for it
-        ahead[bounded] = stats.summary()["records"] - consumed
-        del batches
-    # Read ahead: the budget, the iterator's batch, and per running task (2 CPUs) the block it makes
-    # plus the two Ray's streaming generator may hold (blocks are one batch here).
-    budget_rows = prefetch_bytes(cfg, 128) // view_bytes(cfg)
-    assert budget_rows == 4 * 128 and stream_block_rows(cfg, 128) == 128
-    assert ahead[True] <= budget_rows + 128 + 2 * 3 * 128, ahead
-    assert ahead[False] > 4 * ahead[True]  # without a budget Ray Data reads on through the epochs
+        ahead[prefetch], in_flight[prefetch] = stats.summary()["records"] - consumed, blocks_in_flight(cfg, 128)
+        batches.close()
+    # 400-row items in blocks of 128, 128, 128, 16: ahead are the tasks in flight, plus the rows
+    # of a block the last batch was cut from.
+    assert stream_block_rows(cfg, 128) == 128
+    assert in_flight == {1: 2, 4: 4}
+    assert 2 * 16 <= ahead[1] <= 3 * 128, ahead
+    assert 4 * 16 <= ahead[4] <= 5 * 128 and ahead[4] > ahead[1], ahead
 
 
 def test_image_folder_and_webdataset_read_directly(ray_cluster, class_folder, tmp_path, fmnist_sample, caplog):

@@ -1,7 +1,7 @@
 """A pretraining across nodes, simulated on one machine, tracked by a real MLflow server.
 
 Three Ray nodes offer 1 CPU each; the run asks for 2 workers x 1 CPU, so its two workers cannot
-share a node (the third CPU is left for Ray Data). Checkpoints go to one storage path that every
+share a node (the third CPU is left for the data tasks). Checkpoints go to one storage path that every
 node sees, as a shared file system would on a real cluster. A worker is killed after the
 first checkpoint with max_failures = 0, so the run fails; `--resume` then finishes it in the
 same MLflow run, and every node can read the checkpoints.

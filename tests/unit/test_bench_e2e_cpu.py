@@ -17,18 +17,18 @@ def test_charges_follow_titles_new_ended_and_reused_processes():
     driver, worker, raylet, reused = (1, 0, "python -c"), (2, 0), (3, 7), (4, 1)
     samples = [
         (0.0, snapshot((*driver, 0.0), (*worker, "IDLE", 0.1), (*reused, "IDLE", 2.0))),
-        (1.0, snapshot((*driver, 0.5), (*worker, "MapBatches(f)", 0.9), (4, 9, "IDLE", 0.1))),  # pid 4 restarted
+        (1.0, snapshot((*driver, 0.5), (*worker, "lejepa_view_block", 0.9), (4, 9, "IDLE", 0.1))),  # pid 4 restarted
         (2.0, snapshot((*driver, 1.0), (*worker, "IDLE", 1.0), (*raylet, "raylet", 0.3))),
         (3.0, snapshot((*driver, 1.5), (*worker, "IDLE", 1.0))),  # raylet gone after t = 2
     ]
     charged = charge(samples, platform_group(root=1))
     assert charged.total() == pytest.approx({
         ("driver", "python -c"): 1.5,
-        ("data_tasks", "MapBatches(f)"): 0.9,  # 0.8 while it ran (idle at t=0), 0.1 until it was idle again
+        ("data_tasks", "lejepa_view_block"): 0.9,  # 0.8 while it ran (idle at t=0), 0.1 until it was idle again
         ("ray", "IDLE"): 0.1 + 2.0 + 0.1,  # a reused pid is a new process: its 0.1 s, not -1.9 s
         ("ray", "raylet"): 0.3})  # all of a new process's time falls after the previous sample
     window = charged.between(0.5, 2.5)
-    assert window == pytest.approx({("driver", "python -c"): 1.0, ("data_tasks", "MapBatches(f)"): 0.5,
+    assert window == pytest.approx({("driver", "python -c"): 1.0, ("data_tasks", "lejepa_view_block"): 0.5,
                                     ("ray", "IDLE"): 0.05, ("ray", "raylet"): 0.3})  # half of pid 4's (0, 1]
     assert charged.data_processes.tolist() == [0, 1, 0, 0]
     assert charged.ended_between(0.0, 3.0) == 3  # both pid-4 processes and the raylet
@@ -38,7 +38,7 @@ def test_charges_follow_titles_new_ended_and_reused_processes():
 @pytest.mark.parametrize(("title", "name"), [
     ("ray::IDLE" + " " * 40, "IDLE"),
     ("ray::SplitCoordinator.get ", "SplitCoordinator"),
-    ("ray::ReadRange->MapBatches(_train_udf)", "ReadRange->MapBatches(_train_udf)"),
+    ("ray::lejepa_view_block", "lejepa_view_block"),
     ("/venv/bin/python /venv/ray/dashboard/dashboard.py --logging-level=info", "dashboard.py"),
     ('ray-dashboard-ServeHead-0 (/venv/bin/python -B -c "from multiprocessing"', "ray-dashboard-ServeHead-0"),
     ("/venv/ray/core/src/ray/raylet/raylet --raylet_socket_name=x", "raylet"),
@@ -50,9 +50,9 @@ def test_process_names(title, name):
 
 def test_groups_of_the_platform_side():
     group = platform_group(root=10)
-    assert [group(10, "python -c"), group(11, "RayTrainWorker"), group(12, "ReadRange->MapBatches(_train_udf)"),
-            group(13, "MapBatches(_train_udf)"), group(14, "raylet"), group(15, "SplitCoordinator"),
-            group(16, "IDLE")] == ["driver", "trainer", "data_tasks", "data_tasks", "ray", "ray", "ray"]
+    assert [group(10, "python -c"), group(11, "RayTrainWorker"), group(12, "lejepa_view_block"),
+            group(14, "raylet"), group(15, "TrainController"), group(16, "IDLE")] == \
+        ["driver", "trainer", "data_tasks", "ray", "ray", "ray"]
 
 
 @pytest.mark.parametrize("argv", [

@@ -1,4 +1,4 @@
-"""One rule for leaving Ray Data a CPU: a single run and a sweep's trial count agree on it."""
+"""One rule for leaving the data tasks a CPU: a single run and a sweep's trial count agree on it."""
 
 import pytest
 
@@ -15,11 +15,11 @@ def sweep_of(workers: int, cpus_per_worker: float, max_concurrent: int = 0) -> S
     return SweepConfig(base=base, space={"loss.lam": {"grid": [0.02]}}, max_concurrent_trials=max_concurrent)
 
 
-def test_a_whole_cpu_stays_free_for_ray_data():
+def test_a_whole_cpu_stays_free_for_the_data_tasks():
     assert DATA_CPUS == 1.0
     check_room_for_data(1.0, 2.0, "x")  # 1 for the trainer, 1 for data: fits exactly
-    with pytest.raises(UserError, match=r"^x = 1.5 CPUs, but this cluster has 2 and Ray Data needs 1 of them left"):
-        check_room_for_data(1.5, 2.0, "x")  # half a CPU left: Data's one-CPU tasks could never start
+    with pytest.raises(UserError, match=r"^x = 1.5 CPUs, but this cluster has 2 and the data tasks need 1 of them left"):
+        check_room_for_data(1.5, 2.0, "x")  # half a CPU left: one-CPU data tasks could never start
 
 
 @pytest.mark.parametrize("trainer, cluster, fit", [(1.0, 2.0, 1), (1.0, 8.0, 7), (2.0, 8.0, 3), (0.5, 2.0, 2)])

@@ -1,6 +1,6 @@
-"""`lejepa bench data`: the Ray Data pipeline against a torch DataLoader running the very same decode
-and augmentation code (stream.item_blocks) with the same number of CPU processes, on the same
-images, in one run.
+"""`lejepa bench data`: the platform's data tasks (`pipeline.rank_batches`) against a torch DataLoader
+running the very same decode and augmentation code (stream.item_blocks) with the same number of CPU
+processes, on the same images, in one run.
 
 Workloads: (a) the paper's views (2 x 224 + 6 x 96) of synthetic 256 px JPEGs written by the bench;
 (b) the embedded dataset with the default recipe's views (4 x 32, no local views). Each pipeline
@@ -11,7 +11,7 @@ Peak memory (PSS summed over the child's process tree: for Ray that includes the
 workers) is measured in a run of its own: sampling it reads every mapped page of every process,
 which cost the Ray side (a 2 GB object store mapped in each worker) 10-15 % of its throughput.
 
-Placement (data.augment_on): Ray Data also runs with the photometric half left to the trainer
+Placement (data.augment_on): the Ray side also runs with the photometric half left to the trainer
 (`ray_device`: decode and geometric crops only, the params shipped with the rows). Its data-side
 cost is measured as above; the trainer's share, `views.augment_views` on delivered batches, is
 timed on the device a trainer here would use, so both placements' cost per image is in one run.
@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 GOAL = 1.0
-"""Ray Data images/s over DataLoader images/s wanted on the realistic workload (a)."""
+"""Ray images/s over DataLoader images/s wanted on the realistic workload (a)."""
 PLACEMENT_GOAL = 0.25
 """Data-side CPU per image with device placement over that with data placement, wanted on (a)."""
 TRAINER_BATCHES = 3
@@ -128,29 +128,25 @@ class _PeakMemory(threading.Thread):
         return max(self.peak, _tree_pss())
 
 
-def _warm_worker(batch: dict) -> dict:
+def _warm_worker() -> None:
     """Import the pipeline's code and hold the CPU briefly, so that every worker process is started."""
     import lejepa_platform.data.reader  # noqa: F401
 
     time.sleep(0.5)
-    return batch
 
 
 def _ray_batches(cfg, epochs: int, batch: int, procs: int, clock: dict, photometric: bool) -> Iterator[dict]:
     import ray
-    from ray.data import DataContext
 
-    from lejepa_platform.data.pipeline import rank_dataset
+    from lejepa_platform.data.pipeline import rank_batches
     from lejepa_platform.data.reader import plan_source
 
     ray.init(num_cpus=procs, include_dashboard=False, log_to_driver=False, object_store_memory=2 * 2**30)
-    DataContext.get_current().enable_progress_bars = False
-    DataContext.get_current().print_on_execution_start = False
     try:
-        ray.data.range(procs, override_num_blocks=procs).map_batches(_warm_worker).materialize()
+        ray.get([ray.remote(_warm_worker).remote() for _ in range(procs)])
         clock.update(ready=time.perf_counter(), cpu=_tree_cpu())
-        stream = rank_dataset(plan_source(cfg.source, cfg.split), cfg, seed=0, epochs=epochs, photometric=photometric)
-        yield from stream.iter_torch_batches(batch_size=batch, drop_last=True)
+        yield from rank_batches(plan_source(cfg.source, cfg.split), cfg, seed=0, epochs=epochs, batch_rows=batch,
+                                photometric=photometric)
         clock["cpu"] = _tree_cpu() - clock["cpu"]  # before shutdown, while the workers are there to count
     finally:
         ray.shutdown()
@@ -172,22 +168,15 @@ class _UnitStream(IterableDataset):
         for item in range(info.id, self.epochs * windows_per_epoch(self.plan, self.cfg), info.num_workers):
             for block, _, _ in item_blocks(self.plan, self.cfg, seed=0, index=item, photometric=self.photometric):
                 if block is not None:
-                    yield {k: torch.from_numpy(v) for k, v in block.items()}
+                    yield block
 
 
 def _loader_batches(cfg, epochs: int, batch: int, procs: int, clock: dict, photometric: bool) -> Iterator[dict]:
+    from lejepa_platform.data.pipeline import rebatch
+
     loader = DataLoader(_UnitStream(cfg, epochs, photometric), batch_size=None, num_workers=procs, prefetch_factor=4)
     clock.update(ready=time.perf_counter(), cpu=_tree_cpu())
-    pending: list[dict] = []
-    held = 0
-    for block in loader:  # re-batch to `batch` rows, as iter_torch_batches does
-        pending.append(block)
-        held += len(block["label"])
-        while held >= batch:
-            merged = {k: torch.cat([p[k] for p in pending]) for k in block}
-            yield {k: v[:batch] for k, v in merged.items()}
-            pending = [{k: v[batch:] for k, v in merged.items()}]
-            held -= batch
+    yield from rebatch(({k: v.numpy() for k, v in block.items()} for block in loader), batch)
     clock["cpu"] = _tree_cpu() - clock["cpu"]  # the finished workers are reaped: their time is in ours
 
 
@@ -326,10 +315,10 @@ def _compare(name: str, views: str, cfg: dict, epochs: int, batch: int, procs: i
 
 
 def run(quick: bool = False) -> dict:
-    """Both workloads, Ray Data vs DataLoader and data vs device placement; JSON-ready. ratio:
+    """Both workloads, Ray vs DataLoader and data vs device placement; JSON-ready. ratio:
     images/s of Ray over the DataLoader's; cpu_ratio: the DataLoader's CPU time per image over
     Ray's (> 1: Ray spends less); placement.data_cpu_device_over_data: Ray's data-side CPU time per
-    image with the photometric half on the trainer's device over that with it in Ray Data."""
+    image with the photometric half on the trainer's device over that with it in the data tasks."""
     from lejepa_platform.data.shards import build_shards
 
     procs = _processes()

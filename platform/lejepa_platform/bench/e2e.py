@@ -1,7 +1,7 @@
 """`lejepa bench e2e`: training steps of the whole platform path against a bare PyTorch loop in the
 same training time, with the same model, batch, views, optimizer and schedule.
 
-Platform side: `pretrain` (Ray Data + Ray Train, MLflow, checkpoints; evaluation off) in a fresh
+Platform side: `pretrain` (data tasks + Ray Train, MLflow, checkpoints; evaluation off) in a fresh
 Python process that starts its own local Ray cluster, as `lejepa pretrain` does without one.
 Bare side: one fresh Python process with the job's environment variables (`ray_env.job_env_vars`:
 the same libgomp spin and niceness as the trainer) that trains with `train_step` on batches from a
@@ -20,10 +20,10 @@ shards (`bench data`'s generator).
 
 CPU time: every process under each side's process is sampled from /proc every SAMPLE_S seconds
 (utime + stime), named by its title (Ray names its workers by the task or actor they run) and
-charged to a group: platform: trainer (the Ray Train worker; with each rank's Dataset built in its
-worker this includes that Dataset's executor), data_tasks (processes running Ray Data tasks), ray
-(raylet, GCS, dashboard and agents, idle and starting workers, Ray Train's and Ray Data's coordinating actors,
-the job's small actors) and driver; bare: trainer (the loop's process) and data_tasks (DataLoader
+charged to a group: platform: trainer (the Ray Train worker, which also submits its rank's data
+tasks), data_tasks (processes running the view tasks, `pipeline.VIEW_TASK_NAME`), ray (raylet,
+GCS, dashboard and agents, idle and starting workers, Ray Train's coordinating actors, the job's
+small actors) and driver; bare: trainer (the loop's process) and data_tasks (DataLoader
 workers). Shares are over the training window (platform: located by the Train controller's
 report times, a callback), interpolated between samples. A process that ends between two samples
 loses at most one interval of CPU time, the tail after its last sample; each run says how many
@@ -57,6 +57,7 @@ from ray.train import UserCallback
 from lejepa_platform.bench.data import _synthetic_jpegs, _tree
 from lejepa_platform.config import RunConfig, augment_placement, to_dict
 from lejepa_platform.overrides import from_dict, set_values
+from lejepa_platform.data.pipeline import VIEW_TASK_NAME
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import UserError
 from lejepa_platform.ray_env import JOB_ENV_VARS, job_env_vars
@@ -71,8 +72,6 @@ STEPS_PER_S_CAP = 50
 """train.steps is at least the budget times this: far more steps than these models take per second on CPU."""
 GOAL = 0.9
 """Median platform / bare ratio of training steps wanted."""
-DATA_TASK_MARKERS = ("MapBatches(", "Map(", "FlatMap(", "Filter(", "Read", "MapWorker(")
-"""Process titles of Ray Data tasks contain one of these (operator names)."""
 IDLE_NAMES = ("IDLE",)
 """Ray worker processes waiting for work: time they spend picking up a task is the task's."""
 
@@ -246,7 +245,7 @@ def platform_group(root: int) -> Callable[[int, str], str]:
             return "driver"
         if name.startswith("RayTrainWorker"):
             return "trainer"
-        if any(marker in name for marker in DATA_TASK_MARKERS):
+        if VIEW_TASK_NAME in name:
             return "data_tasks"
         return "ray"
     return group

@@ -2,9 +2,9 @@
 single-process PyTorch loop doing identical work, in one run.
 
 Both sides train the embedded default's model with the same `train_step` on the same in-memory
-uint8 views (made from a seed, so augmentation cost is out of the picture): the plain loop indexes
-a tensor, the Ray side runs one TorchTrainer worker that streams the same views from a materialised
-Ray Dataset through `iter_torch_batches` and reports metrics like a real run. Warm-up steps are
+uint8 views (made from a seed, so augmentation cost is out of the picture): both sides slice batches
+from one tensor of them, the Ray side inside one TorchTrainer worker (the views reach it through the
+object store) that reports metrics like a real run. Warm-up steps are
 excluded; the ratio ray / plain is what Ray Train costs per step.
 
 The plain loop runs in a fresh process with the job's environment variables (`ray_env.job_env_vars`)
@@ -71,10 +71,9 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     cfg = from_dict(RunConfig, loop_config["run"])
-    shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True)
     torch.set_num_threads(loop_config["threads"])
-    rate = timed_train_steps(cfg, batches)
+    views = torch.from_numpy(ray.get(loop_config["views"]).copy())  # the object store's copy is read-only
+    rate = timed_train_steps(cfg, _batches(views, cfg.data.batch_size))
     with tempfile.TemporaryDirectory() as tmp:  # Result.metrics only holds metrics reported with a checkpoint
         ray.train.report({"images_per_s": rate, "process_settings": _process_settings()},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -88,11 +87,13 @@ def _process_settings() -> dict[str, Any]:
 def _plain_loop(run: dict[str, Any], steps: int, threads: int) -> tuple[float, dict[str, Any]]:
     """(images/s, process settings) of the plain loop over the bench's views (`run`: the RunConfig as a dict)."""
     cfg = from_dict(RunConfig, run)
-    views = torch.from_numpy(_views(cfg, steps))
-    batch = cfg.data.batch_size
     torch.set_num_threads(threads)
-    rate = timed_train_steps(cfg, ({"global": views[i * batch:(i + 1) * batch]} for i in range(steps)))
+    rate = timed_train_steps(cfg, _batches(torch.from_numpy(_views(cfg, steps)), cfg.data.batch_size))
     return rate, _process_settings()
+
+
+def _batches(views: torch.Tensor, batch: int) -> Iterable[dict[str, torch.Tensor]]:
+    return ({"global": views[start:start + batch]} for start in range(0, len(views) - batch + 1, batch))
 
 
 def _plain_in_job_env(cfg: RunConfig, steps: int, threads: int) -> tuple[float, dict[str, Any]]:
@@ -130,11 +131,11 @@ def run(quick: bool = False, compile: bool = False) -> dict[str, Any]:
     if started_here:
         init_ray(include_dashboard=False)
     try:
-        dataset = ray.data.from_numpy(_views(cfg, steps)).rename_columns({"data": "global"}).materialize()
+        views = ray.put(_views(cfg, steps))
         ray_side = TorchTrainer(
-            _ray_worker, train_loop_config={"run": to_dict(cfg), "threads": threads},
+            _ray_worker, train_loop_config={"run": to_dict(cfg), "threads": threads, "views": views},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-            datasets={"train": dataset}).fit().metrics
+            ).fit().metrics
     finally:
         if started_here:
             ray.shutdown()

@@ -1,1 +1,1 @@
-"""Image shards, multi-crop views and the Ray Data pipeline."""
+"""Image shards, multi-crop views and the pipeline that streams them over Ray."""

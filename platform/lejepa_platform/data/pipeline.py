@@ -1,44 +1,50 @@
-"""The Ray Data pipeline: shards, image folders or WebDataset tars -> decoded images -> multi-crop
-views, streamed into TorchTrainer workers (the only data module that imports ray).
+"""A rank's training stream on Ray: its work items of data/stream.py, as views built by Ray tasks, in
+order, batched for its trainer (the only data module that imports ray).
 
-Each training rank builds its own Dataset inside its worker (`rank_dataset`): the work items of
-data/stream.py that belong to it, from the position its checkpoint recorded, in order
-(`preserve_order`), so what a rank consumes is a pure function of (seed, rank, world) and a restart
-continues at the exact row. A task takes a run of consecutive items (about TASK_BYTES of views) and
-yields blocks of uint8 views item by item. The stream is bounded: the rank's executor may hold
-about `prefetch_bytes` of views ahead of the trainer, so the data side works at the trainer's pace
-instead of filling the object store with views a time-budgeted run may never use.
+`rank_batches` runs in the trainer's process. It cuts each of the rank's work items into blocks of
+rows, from the position its checkpoint recorded, and keeps a fixed number of block tasks in flight:
+Ray runs them on whatever CPUs the trainers leave free (its default policy prefers the submitting
+node while that has free CPUs; a node affinity would queue them behind a full node instead of
+letting an autoscaler add one; named explicitly, the default also keeps them out of a sweep trial's
+placement group, which would capture them otherwise and has no CPU left for them), and the
+consumer takes their results in submission order. What a rank consumes is therefore a pure function
+of (seed, rank, world), a restart continues at the exact row, and the data side runs at most
+data.prefetch_batches batches ahead of the trainer, so a time-budgeted run builds no views it will
+not use.
+
+Why plain tasks and not a Ray Data Dataset: with an ordered, bounded stream per rank, Ray Data's
+streaming executor polls without waiting whenever its only operator is backpressured and busied
+most of a core per rank doing so, which on a small machine starved the trainer
+(docs/data-stream.md). The tasks here wait on nothing but their inputs.
 
 Bad records: each task reports (records read, skip reasons) to a `DataStats` actor when the caller
-passes one, before yielding the block they belong to; after the stream is consumed,
-`stats.log_summary()` logs one line with the totals. Without a DataStats, tasks skip bad records
-and log nothing.
+passes one; `stats.log_summary()` logs one line with the totals. Without a DataStats, tasks skip
+bad records and log nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import ray
+import torch
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data.reader import Plan, block_rows, describe, view_bytes
-from lejepa_platform.data.stream import StreamPosition, item_blocks, rank_items, window_units
+from lejepa_platform.data.reader import Plan, block_rows, describe
+from lejepa_platform.data.stream import LoadedItem, StreamPosition, block_views, item_rows, load_item, rank_items
 
 log = logging.getLogger("lejepa_platform.data")
 
-TASK_BYTES = 64 * 2**20
-"""About how many bytes of views one Ray Data task produces: consecutive work items are grouped up to
-it. Between one task's end and the next one's start a CPU sits idle for a moment; with units that
-take a fraction of a second (small images) that gap cost a third of the throughput (measured:
-embedded dataset, 2 CPUs, one unit per task 2.2k img/s, 13 units per task 3.9k img/s)."""
-MAX_TASKS = 10_000
-"""Upper bound on the tasks of one dataset (beyond it each task takes more units)."""
+VIEW_TASK_NAME = "lejepa_view_block"
+"""Name of the Ray tasks that build views (their processes' titles read ray::<name> while they run)."""
+LOADED_ITEMS_KEPT = 2
+"""Work items a task's process keeps loaded: the blocks of one item usually run one after another
+in the same process, which then reads the item's records once instead of once per block."""
 
 
 @ray.remote(num_cpus=0)
@@ -77,79 +83,124 @@ class DataStats:
 
 
 def stream_block_rows(cfg: DataConfig, per_worker: int) -> int:
-    """Rows of one block of a rank's stream: one batch of the rank, or fewer when that exceeds
-    BLOCK_BYTES. Blocks are what the stream holds in flight, so small ones keep the bound tight."""
+    """Rows of one block task: one batch of the rank, or fewer when that exceeds BLOCK_BYTES of views."""
     return max(1, min(per_worker, block_rows(cfg)))
 
 
-def prefetch_bytes(cfg: DataConfig, per_worker: int) -> int:
-    """Object store a rank's stream may fill ahead of its trainer: data.prefetch_batches batches, and
-    never less than two blocks (with less, a task could not hand over its next block). 0: unbounded."""
-    if cfg.prefetch_batches == 0:
-        return 0
-    row = view_bytes(cfg)
-    return max(cfg.prefetch_batches * per_worker, 2 * stream_block_rows(cfg, per_worker)) * row
+def blocks_in_flight(cfg: DataConfig, per_worker: int) -> int:
+    """Block tasks a rank keeps submitted: data.prefetch_batches batches, and at least two blocks (one
+    being consumed, one being built)."""
+    return max(2, math.ceil(cfg.prefetch_batches * per_worker / stream_block_rows(cfg, per_worker)))
 
 
-def units_per_task(plan: Plan, row_bytes: int) -> int:
-    """Consecutive work items one task takes so that it yields about TASK_BYTES of output."""
-    unit_bytes = row_bytes * plan.rows / len(plan.units)
-    return max(1, int(TASK_BYTES // max(unit_bytes, 1)))
+_loaded: collections.OrderedDict[tuple, LoadedItem] = collections.OrderedDict()
 
 
-def _train_udf(batch: dict[str, np.ndarray], *, plan: Plan, cfg: DataConfig, seed: int, first: StreamPosition,
-               photometric: bool, rows_per_block: int, stats: DataStats | None) -> Iterator[dict[str, np.ndarray]]:
-    for index in batch["id"].tolist():
-        skip = first.row if index == first.item else 0
-        for block, bad, records in item_blocks(plan, cfg, seed=seed, index=index, skip=skip, photometric=photometric,
-                                               rows_per_block=rows_per_block):
-            if stats is not None:
-                stats.add(bad, records)
-            if block is not None:
-                yield block
+def _loaded_item(plan: Plan, cfg: DataConfig, seed: int, index: int) -> LoadedItem:
+    key = (plan.source, plan.split, plan.rows, cfg.shuffle_buffer, seed, index)
+    if key not in _loaded:
+        _loaded[key] = load_item(plan, cfg, seed, index)
+        while len(_loaded) > LOADED_ITEMS_KEPT:
+            _loaded.popitem(last=False)
+    return _loaded[key]
 
 
-@contextlib.contextmanager
-def _rank_stream(block_bytes: int, prefetch_bytes: int, reserved: dict[str, float]) -> Iterator[None]:
-    """Datasets created inside deliver rows in order, keep each batch a task yields as its own block
-    (Ray Data would merge them into blocks of up to 128 MB, handed over only when complete), hold at
-    most about `prefetch_bytes` in the object store, and leave `reserved` (the trainers' CPUs and
-    GPUs) out of what their tasks may use. A Dataset copies the current DataContext when it is
-    created, so the changes end with this block."""
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.execution_options, ctx.target_max_block_size
-    options = ray.data.ExecutionOptions(preserve_order=True, exclude_resources=ray.data.ExecutionResources(
-        cpu=reserved.get("CPU", 0.0), gpu=reserved.get("GPU", 0.0)))
-    if prefetch_bytes:
-        options.resource_limits = ray.data.ExecutionResources(object_store_memory=prefetch_bytes)
-    ctx.execution_options, ctx.target_max_block_size = options, max(block_bytes * 3 // 4, 1)
-    try:
-        yield
-    finally:
-        ctx.execution_options, ctx.target_max_block_size = previous
+@ray.remote(num_cpus=1)
+def _block_task(plan: Plan, cfg: DataConfig, seed: int, index: int, start: int, rows: int, photometric: bool,
+                stats: DataStats | None) -> dict[str, np.ndarray] | None:
+    block, bad, records = block_views(_loaded_item(plan, cfg, seed, index), cfg, seed=seed, start=start, rows=rows,
+                                      photometric=photometric)
+    if stats is not None:
+        stats.add(bad, records)
+    return block
 
 
-def rank_dataset(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, rank: int = 0, world: int = 1,
-                 position: StreamPosition = StreamPosition(), photometric: bool = True, per_worker: int | None = None,
-                 bounded: bool = False, reserved: dict[str, float] | None = None,
-                 stats: DataStats | None = None) -> ray.data.Dataset:
-    """Views of the work items of epochs [0, epochs) that rank `rank` of `world` reads, from `position` on.
+def _block_requests(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, rank: int, world: int,
+                    position: StreamPosition, rows: int) -> Iterator[tuple[int, int]]:
+    """(item, first row) of each block of the rank's stream, in order, from `position` on."""
+    for index in rank_items(plan, cfg, epochs=epochs, rank=rank, world=world, first=position.item):
+        skip = position.row if index == position.item else 0
+        yield from ((index, start) for start in range(skip, item_rows(plan, cfg, seed, index), rows))
 
-    Rows carry the columns of `stream.item_blocks`, in the rank's order; with photometric=False
-    only the geometric crops are made and the trainer applies the rest (`views.augment_views`).
-    Blocks hold one batch of `per_worker` rows (default: data.batch_size); with `bounded`, the stream
-    runs at most about data.prefetch_batches batches ahead of its consumer (`prefetch_bytes`).
+
+def rank_blocks(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, rank: int = 0, world: int = 1,
+                position: StreamPosition = StreamPosition(), photometric: bool = True, rows: int | None = None,
+                in_flight: int = 2, stats: DataStats | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of views of the work items of epochs [0, epochs) that rank `rank` of `world` reads, from
+    `position` on, in the rank's order: `rows` records each (default `reader.block_rows`; fewer at an
+    item's end or where records were bad), built by `in_flight` Ray tasks at a time.
+
+    Columns are those of `stream.block_views`; with photometric=False only the geometric crops are
+    made and the trainer applies the rest (`views.augment_views`).
     """
-    items = rank_items(plan, cfg, epochs=epochs, rank=rank, world=world, first=position.item)
-    if not items:
+    if not rank_items(plan, cfg, epochs=epochs, rank=rank, world=world, first=position.item):
         raise ValueError(f"rank {rank} has no work items left from item {position.item} in {epochs} epochs")
-    batch = per_worker or cfg.batch_size
-    rows_per_block = stream_block_rows(cfg, batch)
-    per_task = units_per_task(plan, view_bytes(cfg)) // window_units(cfg) or 1
-    with _rank_stream(rows_per_block * view_bytes(cfg), prefetch_bytes(cfg, batch) if bounded else 0, reserved or {}):
-        ids = ray.data.from_items([{"id": i} for i in items], override_num_blocks=min(math.ceil(len(items) / per_task),
-                                                                                     MAX_TASKS))
-        return ids.map_batches(_train_udf, batch_size=None, batch_format="numpy", zero_copy_batch=True,
-                               fn_kwargs={"plan": plan, "cfg": cfg, "seed": seed, "first": position,
-                                          "photometric": photometric, "rows_per_block": rows_per_block,
-                                          "stats": stats})
+    rows = rows or block_rows(cfg)
+    requests = _block_requests(plan, cfg, seed=seed, epochs=epochs, rank=rank, world=world, position=position,
+                               rows=rows)
+    task = _block_task.options(name=VIEW_TASK_NAME, scheduling_strategy="DEFAULT")
+    plan_ref = ray.put(plan)
+    submitted: collections.deque = collections.deque()
+
+    def submit() -> None:
+        request = next(requests, None)
+        if request is not None:
+            submitted.append(task.remote(plan_ref, cfg, seed, *request, rows, photometric, stats))
+
+    for _ in range(max(1, in_flight)):
+        submit()
+    while submitted:
+        block = ray.get(submitted.popleft())
+        submit()
+        if block is not None:
+            yield block
+
+
+def rank_batches(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, batch_rows: int, rank: int = 0,
+                 world: int = 1, position: StreamPosition = StreamPosition(), photometric: bool = True,
+                 pin_memory: bool = False, stats: DataStats | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The rank's stream (`rank_blocks`) as batches of `batch_rows` rows, at most data.prefetch_batches
+    batches built ahead of the consumer; with pin_memory, in page-locked memory for a non-blocking
+    copy to a GPU."""
+    blocks = rank_blocks(plan, cfg, seed=seed, epochs=epochs, rank=rank, world=world, position=position,
+                         photometric=photometric, rows=stream_block_rows(cfg, batch_rows),
+                         in_flight=blocks_in_flight(cfg, batch_rows), stats=stats)
+    return rebatch(blocks, batch_rows, pin_memory=pin_memory)
+
+
+def rebatch(blocks: Iterable[dict[str, np.ndarray]], rows: int, *,
+            pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of exactly `rows` rows cut from consecutive blocks, in order (a last partial batch is
+    dropped); each batch is copied once, into pinned memory when asked."""
+    pending: list[dict[str, np.ndarray]] = []
+    held = 0
+    for block in blocks:
+        pending.append(block)
+        held += len(next(iter(block.values())))
+        while held >= rows:
+            batch, pending = _take(pending, rows, pin_memory)
+            held -= rows
+            yield batch
+
+
+def _take(blocks: list[dict[str, np.ndarray]], rows: int,
+          pin_memory: bool) -> tuple[dict[str, torch.Tensor], list[dict[str, np.ndarray]]]:
+    """The first `rows` rows of `blocks` as one batch of tensors, and the blocks that remain."""
+    parts, rest, need = [], [], rows
+    for block in blocks:
+        size = len(next(iter(block.values())))
+        if need >= size:
+            parts.append(block)
+        elif need > 0:
+            parts.append({k: v[:need] for k, v in block.items()})
+            rest.append({k: v[need:] for k, v in block.items()})
+        else:
+            rest.append(block)
+        need -= min(need, size)
+    batch = {}
+    for key, first in parts[0].items():
+        out = torch.empty((rows, *first.shape[1:]), dtype=torch.from_numpy(first[:0].copy()).dtype,
+                          pin_memory=pin_memory)
+        np.concatenate([part[key] for part in parts], out=out.numpy())
+        batch[key] = out
+    return batch, rest

@@ -5,7 +5,7 @@ tars) into units of a few hundred records: consecutive Parquet row groups (local
 the plan carries the filesystem they are read through), a slice of the listing, or one tar. Row
 counts come from Parquet footers, listings and stored tar indexes, never from reading images.
 `load_unit` reads a unit's records; data/stream.py turns them into training views, `eval_blocks`
-into centre crops, with bad records skipped and counted. The same functions run inside Ray Data
+into centre crops, with bad records skipped and counted. The same functions run inside the pipeline's Ray
 tasks, in the DataLoader workers of the benchmark's baseline and in-process for small evaluation
 sets, so the three cannot drift apart.
 
@@ -39,7 +39,7 @@ from lejepa_platform.errors import UserError
 log = logging.getLogger("lejepa_platform.data")
 
 UNIT_ROWS = 512
-"""Records per unit of work (a Ray Data task processes one unit at a time)."""
+"""Records per unit of work (the smallest slice of a source a plan cuts)."""
 BLOCK_BYTES = 16 * 2**20
 """Target size of one output block of views."""
 
@@ -56,6 +56,8 @@ class Unit:
     labels: tuple[int, ...] = ()
     start: int = 0
     """Row of the file the unit's first row group starts at (names the rows of Hub-layout files)."""
+    rows: int = 0
+    """Records the unit holds, before any split filter (from footers, the listing or the tar index)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +102,13 @@ def plan_source(source: str, split: str) -> Plan:
         entries = src.entries
         root = src.path if isinstance(src, FolderSource) else src.path.parent
         units = [Unit("files", str(root), files=tuple(e[0] for e in entries[i:i + UNIT_ROWS]),
-                      labels=tuple(e[1] for e in entries[i:i + UNIT_ROWS])) for i in range(0, len(entries), UNIT_ROWS)]
+                      labels=tuple(e[1] for e in entries[i:i + UNIT_ROWS]), rows=len(entries[i:i + UNIT_ROWS]))
+                 for i in range(0, len(entries), UNIT_ROWS)]
         total = len(entries)
         labelled = sum(1 for _, label in entries if label >= 0)
     elif isinstance(src, TarSource):
         indexes = src.indexes()
-        units = [Unit("tar", str(tar)) for tar, index in zip(src.tars, indexes) if index.rows]
+        units = [Unit("tar", str(tar), rows=index.rows) for tar, index in zip(src.tars, indexes) if index.rows]
         total = sum(index.rows for index in indexes)
         labelled = sum(index.labelled for index in indexes)
     else:
@@ -133,7 +136,7 @@ def _parquet_units(kind: str, files: list[str], footers: list) -> list[Unit]:
             group.append(index)
             rows += meta.row_group(index).num_rows
             if rows >= UNIT_ROWS or index == meta.num_row_groups - 1:
-                units.append(Unit(kind, file, row_groups=tuple(group), start=first))
+                units.append(Unit(kind, file, row_groups=tuple(group), start=first, rows=rows))
                 first += rows
                 group, rows = [], 0
     return units
@@ -155,11 +158,27 @@ def load_unit(unit: Unit, plan: Plan) -> Iterator[tuple[list, np.ndarray, list[s
     else:
         chunks = _tar_chunks(Path(unit.path))
     for images, labels, ids in chunks:
-        if plan.split != "all" and plan.split_spec.get("method") != "files":
+        if _filters_rows(plan):
             keep = np.flatnonzero(split_mask(ids, labels, plan.split_spec, plan.split))
             images, labels, ids = [images[i] for i in keep], labels[keep], [ids[i] for i in keep]
         if ids:
             yield images, labels, ids
+
+
+def unit_rows(unit: Unit, plan: Plan) -> int:
+    """Records `load_unit` yields for the unit, without reading images (only a split of shards reads
+    the ids and labels it is decided by)."""
+    if not _filters_rows(plan):
+        return unit.rows
+    handle = pq.ParquetFile(unit.path, filesystem=plan.filesystem)
+    table = handle.read_row_groups(list(unit.row_groups), columns=["id", "label"])
+    return int(split_mask(table.column("id").to_pylist(), table.column("label").to_numpy(), plan.split_spec,
+                          plan.split).sum())
+
+
+def _filters_rows(plan: Plan) -> bool:
+    """Whether the plan's split keeps part of each unit's rows (a shard manifest's split by id)."""
+    return plan.split != "all" and plan.split_spec.get("method") != "files"
 
 
 def _read_bytes(root: Path, ref: str) -> bytes:

@@ -1,5 +1,6 @@
 """The training stream without Ray: which records a rank sees, in which order, where it stands, and
-the views of one work item (the Ray Data tasks and the benchmark's DataLoader both call `item_blocks`).
+the views of one work item (the pipeline's Ray tasks and the benchmark's DataLoader both call
+`block_views`).
 
 The order of an epoch is a pure function of (seed, epoch): the plan's units are permuted, cut into
 shuffle windows of consecutive units, and the rows of each window are permuted. The windows of all
@@ -20,7 +21,7 @@ import numpy as np
 
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data.decode import decode_batch
-from lejepa_platform.data.reader import UNIT_ROWS, Plan, Unit, block_rows, load_unit
+from lejepa_platform.data.reader import UNIT_ROWS, Plan, Unit, block_rows, load_unit, unit_rows
 from lejepa_platform.data.views import decode_side, multi_crop, record_seed
 
 POSITION_FIELDS = ("item", "row")
@@ -56,7 +57,7 @@ def epoch_units(plan: Plan, seed: int, epoch: int) -> list[Unit]:
 
 @dataclasses.dataclass(frozen=True)
 class WorkItem:
-    """One shuffle window of one epoch: what a Ray Data task turns into views, row by row in `row_order`."""
+    """One shuffle window of one epoch, turned into views block by block in `row_order`."""
 
     index: int
     """Position in the run's global item sequence (epoch-major)."""
@@ -89,44 +90,67 @@ def record_uid(record_id: str) -> int:
     return record_seed(record_id) & (2**63 - 1)
 
 
-def item_blocks(plan: Plan, cfg: DataConfig, *, seed: int, index: int, skip: int = 0, photometric: bool = True,
-                rows_per_block: int | None = None) -> Iterator[tuple[dict[str, np.ndarray] | None, Counter, int]]:
-    """Blocks of views of work item `index`, rows in the epoch's order from row `skip` on: (batch or
-    None when every record of the block was bad, skip reasons, records read).
+@dataclasses.dataclass(frozen=True)
+class LoadedItem:
+    """A work item's encoded records as loaded (units concatenated) and their order in the epoch."""
 
-    Batch columns: global uint8 (b, G, 3, Hg, Hg), local uint8 (b, L, 3, Hl, Hl) when L > 0, label
-    int64, uid int64 (`record_uid`), item and row int64 (the position, see `StreamPosition`); with
-    photometric=False the views are geometric crops only and global_params / local_params float32
-    carry each view's photometric random numbers for the trainer to apply. Rows before `skip` are
-    never decoded. Blocks hold `rows_per_block` records (default `reader.block_rows`), fewer when bad.
-    """
+    item: WorkItem
+    images: list
+    labels: np.ndarray
+    ids: list[str]
+    order: np.ndarray
+
+
+def load_item(plan: Plan, cfg: DataConfig, seed: int, index: int) -> LoadedItem:
+    """Read the records of work item `index` (no decoding: that happens per block)."""
     item = work_item(plan, cfg, seed, index)
     images: list = []
-    labels: list[np.ndarray] = []
+    labels: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     ids: list[str] = []
     for unit in item.units:
         for unit_images, unit_labels, unit_ids in load_unit(unit, plan):
             images.extend(unit_images)
             labels.append(unit_labels)
             ids.extend(unit_ids)
-    if not ids:
-        return
-    all_labels = np.concatenate(labels)
-    order = item.row_order(len(ids), seed)
-    rows, side = rows_per_block or block_rows(cfg), decode_side(cfg)
-    for start in range(skip, len(order), rows):
-        pick = order[start:start + rows]
-        arrays, kept, bad = decode_batch([images[i] for i in pick], cfg.max_image_pixels, side)
-        if not kept:
-            yield None, bad, len(pick)
-            continue
-        chosen = pick[kept]
-        chosen_ids = [ids[i] for i in chosen]
-        batch = multi_crop(arrays, chosen_ids, cfg, seed=seed, epoch=item.epoch, photometric=photometric)
-        if not cfg.local_views:
-            batch.pop("local", None)
-            batch.pop("local_params", None)
-        batch.update(label=all_labels[chosen], uid=np.array([record_uid(i) for i in chosen_ids], dtype=np.int64),
-                     item=np.full(len(chosen), index, dtype=np.int64),
-                     row=(start + np.asarray(kept, dtype=np.int64)))
-        yield batch, bad, len(pick)
+    return LoadedItem(item, images, np.concatenate(labels), ids, item.row_order(len(ids), seed))
+
+
+def item_rows(plan: Plan, cfg: DataConfig, seed: int, index: int) -> int:
+    """Rows of work item `index`, without reading its images (what `load_item` will hold)."""
+    return sum(unit_rows(unit, plan) for unit in work_item(plan, cfg, seed, index).units)
+
+
+def block_views(loaded: LoadedItem, cfg: DataConfig, *, seed: int, start: int, rows: int,
+                photometric: bool = True) -> tuple[dict[str, np.ndarray] | None, Counter, int]:
+    """Views of rows [start, start + rows) of the item's order: (batch, or None when every record
+    was bad; skip reasons; records read).
+
+    Batch columns: global uint8 (b, G, 3, Hg, Hg), local uint8 (b, L, 3, Hl, Hl) when L > 0, label
+    int64, uid int64 (`record_uid`), item and row int64 (the position, see `StreamPosition`); with
+    photometric=False the views are geometric crops only and global_params / local_params float32
+    carry each view's photometric random numbers for the trainer to apply.
+    """
+    pick = loaded.order[start:start + rows]
+    arrays, kept, bad = decode_batch([loaded.images[i] for i in pick], cfg.max_image_pixels, decode_side(cfg))
+    if not kept:
+        return None, bad, len(pick)
+    chosen = pick[kept]
+    chosen_ids = [loaded.ids[i] for i in chosen]
+    batch = multi_crop(arrays, chosen_ids, cfg, seed=seed, epoch=loaded.item.epoch, photometric=photometric)
+    if not cfg.local_views:
+        batch.pop("local", None)
+        batch.pop("local_params", None)
+    batch.update(label=loaded.labels[chosen], uid=np.array([record_uid(i) for i in chosen_ids], dtype=np.int64),
+                 item=np.full(len(chosen), loaded.item.index, dtype=np.int64),
+                 row=(start + np.asarray(kept, dtype=np.int64)))
+    return batch, bad, len(pick)
+
+
+def item_blocks(plan: Plan, cfg: DataConfig, *, seed: int, index: int, skip: int = 0, photometric: bool = True,
+                rows_per_block: int | None = None) -> Iterator[tuple[dict[str, np.ndarray] | None, Counter, int]]:
+    """`block_views` of work item `index` one block after another, from row `skip` of its order on
+    (rows before it are never decoded); blocks of `rows_per_block` records (default `reader.block_rows`)."""
+    loaded = load_item(plan, cfg, seed, index)
+    rows = rows_per_block or block_rows(cfg)
+    for start in range(skip, len(loaded.ids), rows):
+        yield block_views(loaded, cfg, seed=seed, start=start, rows=rows, photometric=photometric)

@@ -101,11 +101,6 @@ def worker_resources(cfg: RunConfig) -> dict[str, float]:
     return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
 
 
-def trainer_resources(cfg: RunConfig) -> dict[str, float]:
-    """What all workers hold together: left out of what the ranks' data tasks may schedule on."""
-    return {key: value * cfg.train.workers for key, value in worker_resources(cfg).items()}
-
-
 def check_resources(cfg: RunConfig, final: bool) -> None:
     """On a cluster that cannot grow, refuse workers it can never place (and leave CPU for Data)."""
     if not final:
@@ -147,7 +142,6 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     say(quiet, f"run {name}: MLflow run {tracker.run_id} at {tracking_uri}")
     say(quiet, f"  view it: mlflow ui --backend-store-uri {tracking_uri}")
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
     board = ProgressBoard.remote()
     data_stats = DataStats()
     trainer = TorchTrainer(
@@ -156,7 +150,7 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
                            "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id,
                            "plan": facts.plan, "epochs": epochs_needed(cfg, facts.plan),
                            "windows_per_epoch": windows_per_epoch(facts.plan, cfg.data),
-                           "reserved": trainer_resources(cfg), "data_stats": data_stats, "board": board,
+                           "data_stats": data_stats, "board": board,
                            "ids_log": os.environ.get(RECORD_IDS_ENV)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,

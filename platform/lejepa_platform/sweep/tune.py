@@ -63,7 +63,7 @@ def trial_cpus(cfg: RunConfig) -> float:
 
 
 def concurrency(scfg: SweepConfig, cpus: float, gpus: float) -> int:
-    """Trials that fit side by side, leaving CPUs for Ray Data (`capacity`); refuses impossible trials."""
+    """Trials that fit side by side, leaving CPUs for the data tasks (`capacity`); refuses impossible trials."""
     cfg = scfg.base
     need = trial_cpus(cfg)
     check_room_for_data(need, cpus, "one trial's train.workers x train.cpus_per_worker")

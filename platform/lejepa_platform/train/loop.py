@@ -13,7 +13,7 @@ The run's length: exactly train.steps optimizer steps, or, under train.time_budg
 the budget runs out first (`step.schedule_position` decides; the training time so far travels in
 each checkpoint, so restarts and `--resume` spend the same budget).
 
-Exact data resume: each rank streams its own part of the run's order (`pipeline.rank_dataset`) and
+Exact data resume: each rank streams its own part of the run's order (`pipeline.rank_batches`) and
 tracks its position from the rows it consumed; every checkpoint carries all ranks' positions, so a
 restart continues at the next unconsumed row of each rank. A stop request from the driver
 (SIGTERM, Ctrl-C: run/stop.py) makes every rank checkpoint after the current step and return.
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -37,7 +36,7 @@ import torch.distributed
 from lejepa_platform.console import warn
 from lejepa_platform.config import RunConfig, augment_placement, per_worker_batch_size, warmup_steps
 from lejepa_platform.overrides import from_dict
-from lejepa_platform.data.pipeline import rank_dataset
+from lejepa_platform.data.pipeline import rank_batches
 from lejepa_platform.data.stream import StreamPosition
 from lejepa_platform.eval.geometry import CollapseAlarm
 from lejepa_platform.tracking import MLflowTracker, NullTracker, Tracker
@@ -47,8 +46,6 @@ from lejepa_platform.train.step import Pretrainer, make_optimizer, schedule_posi
 LOSS_KEY = "loss/total"
 RECORD_IDS_ENV = "LEJEPA_RECORD_IDS"
 """Set on the driver to a directory: every rank writes the record ids of each step there (`IdLog`)."""
-PREFETCH_BATCHES = 2
-"""Batches each rank's iterator prepares ahead of the step that uses them."""
 COLLAPSE_SIGREG_PER_IMAGE = 0.1
 """Collapse alarm threshold on SIGReg, per image of the global batch: the statistic grows like
 N x distance; a Gaussian sits near 1 whatever N, a rank-1 embedding near 0.17 N, all-zeros 0.40 N."""
@@ -89,16 +86,11 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
     per_worker = per_worker_batch_size(cfg)
     alarm = CollapseAlarm(bare.encoder.embed_dim, sigreg_max=COLLAPSE_SIGREG_PER_IMAGE * cfg.data.batch_size)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws the run's progress line
     position = _own_position(state.positions if checkpoint is not None else [], rank, world)
-    stream = rank_dataset(loop_config["plan"], cfg.data, seed=cfg.train.seed, epochs=loop_config["epochs"], rank=rank,
-                          world=world, position=position, photometric=augment_placement(cfg) == "data",
-                          per_worker=per_worker, bounded=True, reserved=loop_config.get("reserved"),
-                          stats=loop_config.get("data_stats"))
-    # The executor runs in a coordinator actor of its own (a split of one): inside this process its
-    # scheduling loop would hold the GIL the training step needs between its ops.
-    batches = stream.streaming_split(1)[0].iter_torch_batches(batch_size=per_worker, drop_last=True, device="cpu",
-                                        pin_memory=device.type == "cuda", prefetch_batches=PREFETCH_BATCHES)
+    batches = rank_batches(loop_config["plan"], cfg.data, seed=cfg.train.seed, epochs=loop_config["epochs"],
+                           batch_rows=per_worker, rank=rank, world=world, position=position,
+                           photometric=augment_placement(cfg) == "data", pin_memory=device.type == "cuda",
+                           stats=loop_config.get("data_stats"))
     ids_log = IdLog.open(loop_config.get("ids_log"), rank, loop_config["windows_per_epoch"])
     stop = StopRequests(loop_config.get("board"), rank=rank, world=world, device=device)
     pending: list[dict[str, float]] = []
