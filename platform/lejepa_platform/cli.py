@@ -35,7 +35,8 @@ def _shards_build(args: argparse.Namespace) -> dict:
     from lejepa_platform.data.shards import build_shards
 
     return build_shards(args.source, args.out, rows_per_shard=args.rows_per_shard, image_format=args.format,
-                        max_side=args.max_side, test_fraction=args.test_fraction, split_seed=args.split_seed)
+                        max_side=args.max_side, test_fraction=args.test_fraction, split_seed=args.split_seed,
+                        quiet=args.json)
 
 
 def _shards_inspect(args: argparse.Namespace) -> dict:

@@ -14,6 +14,14 @@ that otherwise cost a small machine much of its speed (measurements in docs/perf
   on a machine with a core or two the trainer is then preempted at every wake-up of the raylet, GCS,
   dashboard agent and driver. The job's workers run at 0; trainer and data tasks keep equal
   priority between themselves either way.
+
+A local cluster also starts with `LOCAL_SYSTEM_CONFIG` (on a cluster of your own, the same settings
+are `RAY_<name>` environment variables of `ray start`, as in cluster.yaml): Ray prestarts a worker
+process for every queued task it cannot place yet and kills idle workers after one second once a
+node holds more worker processes than CPUs, which the trainer's helper actors already make true.
+A rank's view tasks queue behind each other and pause while the trainer catches up, so their
+worker process was killed and restarted (a Python start and a torch import, and its loaded work
+items lost) every few seconds, and prestarted processes were started to do nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from typing import Any
 import ray
 
 JOB_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "GOMP_SPINCOUNT": "1000", "RAY_worker_niceness": "0"}
+LOCAL_SYSTEM_CONFIG = {"enable_worker_prestart": False, "idle_worker_killing_time_threshold_ms": 60_000}
+"""Raylet settings of a local cluster: no speculative worker processes, idle workers kept a minute."""
 
 
 def job_env_vars() -> dict[str, str]:
@@ -38,4 +48,4 @@ def init_ray(address: str | None = None, **local: Any) -> None:
     if address:
         ray.init(address=address, **job)
     else:
-        ray.init(**local, **job)
+        ray.init(**local, **job, _system_config=LOCAL_SYSTEM_CONFIG)

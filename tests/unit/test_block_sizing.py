@@ -21,11 +21,14 @@ def test_view_bytes_and_block_rows():
     assert block_rows(SMALL) == UNIT_ROWS  # 1365 rows would fit 16 MB; a block never exceeds a unit
 
 
-def test_blocks_are_one_batch_unless_too_big_and_prefetch_counts_batches():
-    assert stream_block_rows(SMALL, 128) == 128 and stream_block_rows(PAPER, 128) == 35
-    assert blocks_in_flight(SMALL, 128) == 8  # data.prefetch_batches = 8 batches of one block
+def test_two_blocks_hold_the_prefetch_unless_too_big():
+    assert stream_block_rows(SMALL, 128) == 512  # 8 batches of 128 in two blocks, within 16 MB of views
+    assert blocks_in_flight(SMALL, 128) == 2
+    assert stream_block_rows(PAPER, 128) == 35  # 35 rows are 16 MB of the paper's views
     assert blocks_in_flight(PAPER, 128) == 30  # 8 x 128 rows in blocks of 35: ceil(1024 / 35)
-    assert blocks_in_flight(dataclasses.replace(SMALL, prefetch_batches=1), 128) == 2  # never fewer than two
+    one = dataclasses.replace(SMALL, prefetch_batches=1)
+    assert (stream_block_rows(one, 128), blocks_in_flight(one, 128)) == (64, 2)  # never fewer than two
+    assert (stream_block_rows(one, 1), blocks_in_flight(one, 1)) == (1, 2)
 
 
 @pytest.mark.parametrize("split", ["train", "test", "all"])

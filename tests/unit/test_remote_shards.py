@@ -190,7 +190,7 @@ def test_an_interrupted_upload_leaves_no_manifest_and_a_rerun_completes_it(npz, 
     assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     with pytest.raises(UserError, match="has no manifest.json"):
         read_manifest("s3://bucket/run")
-    staged = shards._Upload("s3://bucket/run").staging
+    staged = shards._Upload("s3://bucket/run", quiet=True).staging
     assert staged.parent.parent == bucket.parent / "tmp" / "lejepa-shards"
     assert (staged / "manifest.json").is_file()  # the local build is kept for the re-run
     (out / "part-00099.parquet").write_bytes(b"left over")  # a stray shard of some earlier attempt

@@ -34,6 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lejepa_platform.config import DataConfig
+from lejepa_platform.console import say
+
 GOAL = 1.0
 """Ray images/s over DataLoader images/s wanted on the realistic workload (a)."""
 PLACEMENT_GOAL = 0.25
@@ -46,7 +49,7 @@ def _processes() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _synthetic_jpegs(folder: Path, count: int, side: int = 256) -> None:
+def synthetic_jpegs(folder: Path, count: int, side: int = 256) -> None:
     """Smooth colour fields with shapes and grain: compresses like a photo (about 20-40 KB at q90)."""
     from PIL import Image, ImageDraw
 
@@ -70,7 +73,7 @@ def _synthetic_jpegs(folder: Path, count: int, side: int = 256) -> None:
 # Child side: one pipeline, measured.
 
 
-def _tree(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
     """`root` and its descendants, from /proc (just `root` where there is no /proc)."""
     parents: dict[int, int] = {}
     for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
@@ -89,7 +92,7 @@ def _tree(root: int) -> list[int]:
 def _tree_pss() -> int:
     """Bytes of PSS summed over this process tree."""
     total = 0
-    for pid in _tree(os.getpid()):
+    for pid in process_tree(os.getpid()):
         try:
             lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
         except OSError:
@@ -101,7 +104,7 @@ def _tree_pss() -> int:
 def _tree_cpu() -> float:
     """CPU seconds (user + system, reaped children included) used so far by this process tree."""
     total = 0
-    for pid in _tree(os.getpid()):
+    for pid in process_tree(os.getpid()):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -171,7 +174,10 @@ class _UnitStream(IterableDataset):
                     yield block
 
 
-def _loader_batches(cfg, epochs: int, batch: int, procs: int, clock: dict, photometric: bool) -> Iterator[dict]:
+def loader_batches(cfg: DataConfig, epochs: int, batch: int, procs: int, clock: dict,
+                   photometric: bool) -> Iterator[dict]:
+    """The baseline's stream: a DataLoader of `procs` workers over the platform's work items
+    (`_UnitStream`), rebatched to `batch` rows; `clock` gets the start time and CPU used."""
     from lejepa_platform.data.pipeline import rebatch
 
     loader = DataLoader(_UnitStream(cfg, epochs, photometric), batch_size=None, num_workers=procs, prefetch_factor=4)
@@ -222,7 +228,7 @@ def _measure(spec: dict) -> dict:
         memory.start()
     launched = time.perf_counter()
     clock: dict[str, float] = {}
-    source = _ray_batches if spec["pipeline"] == "ray" else _loader_batches
+    source = _ray_batches if spec["pipeline"] == "ray" else loader_batches
     images, first, first_images, shipped = 0, 0.0, 0, 0
     kept: list[dict] = []
     for batch in source(cfg, spec["epochs"], spec["batch"], spec["procs"], clock, photometric):
@@ -274,7 +280,7 @@ def _placement(run: dict) -> dict:
 def _compare(name: str, views: str, cfg: dict, epochs: int, batch: int, procs: int, rounds: int) -> dict:
     """Throughput runs of each of RUNS `rounds` times in ABBA order (a drift in machine load
     cancels; means reported), then one memory run of each."""
-    print(f"bench data: {name} ({views}), {procs} processes each", file=sys.stderr)
+    say(False, f"bench data: {name} ({views}), {procs} processes each")
     spec = {"cfg": cfg, "epochs": epochs, "batch": batch, "procs": procs, "memory": False}
     names = list(RUNS)
     order = (names + names[::-1]) * (rounds // 2) + names * (rounds % 2)
@@ -306,9 +312,9 @@ def _compare(name: str, views: str, cfg: dict, epochs: int, batch: int, procs: i
     ratio = ray["images_per_s"] / max(loader["images_per_s"], 1e-9)
     placement = {"data": _placement(ray), "device": _placement(summary["ray_device"])}
     cpu_share = placement["device"]["data_cpu_ms_per_image"] / max(placement["data"]["data_cpu_ms_per_image"], 1e-9)
-    print(f"bench data: {name}: ray {ray['images_per_s']} img/s, dataloader {loader['images_per_s']} img/s, "
-          f"ratio {ratio:.2f}; data-side CPU per image with device placement {cpu_share:.2f}x the data "
-          f"placement's", file=sys.stderr)
+    say(False, f"bench data: {name}: ray {ray['images_per_s']} img/s, dataloader {loader['images_per_s']} img/s, "
+               f"ratio {ratio:.2f}; data-side CPU per image with device placement {cpu_share:.2f}x the data "
+               f"placement's")
     return {"views": views, "epochs": epochs, "batch": batch, **summary, "ratio": round(ratio, 3),
             "cpu_ratio": round(loader["cpu_ms_per_image"] / max(ray["cpu_ms_per_image"], 1e-9), 3),
             "placement": {**placement, "data_cpu_device_over_data": round(cpu_share, 3)}}
@@ -326,7 +332,7 @@ def run(quick: bool = False) -> dict:
     rounds = 1 if quick else 2
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lejepa-bench-data-") as tmp:
-        _synthetic_jpegs(Path(tmp) / "jpegs", count)
+        synthetic_jpegs(Path(tmp) / "jpegs", count)
         build_shards(str(Path(tmp) / "jpegs"), str(Path(tmp) / "shards"), rows_per_shard=256)
         paper = dict(source=str(Path(tmp) / "shards"), split="all", global_views=2, global_size=224,
                      local_views=6, local_size=96)

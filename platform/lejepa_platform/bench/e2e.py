@@ -19,11 +19,11 @@ next bare run's steps. Workloads: `default`, the embedded default's settings; `p
 shards (`bench data`'s generator).
 
 CPU time: every process under each side's process is sampled from /proc every SAMPLE_S seconds
-(utime + stime), named by its title (Ray names its workers by the task or actor they run) and
-charged to a group: platform: trainer (the Ray Train worker, which also submits its rank's data
-tasks), data_tasks (processes running the view tasks, `pipeline.VIEW_TASK_NAME`), ray (raylet,
-GCS, dashboard and agents, idle and starting workers, Ray Train's coordinating actors, the job's
-small actors) and driver; bare: trainer (the loop's process) and data_tasks (DataLoader
+(utime + stime), named by the first task or actor title it shows (Ray titles a worker by what it
+runs, IDLE in between) and charged to a group: platform: trainer (the Ray Train worker, which
+also submits its rank's data tasks), data_tasks (processes running the view tasks,
+`pipeline.VIEW_TASK_NAME`), ray (raylet, GCS, dashboard and agents, workers that never ran a task,
+Ray Train's coordinating actors, the job's small actors) and driver; bare: trainer (the loop's process) and data_tasks (DataLoader
 workers). Shares are over the training window (platform: located by the Train controller's
 report times, a callback), interpolated between samples. A process that ends between two samples
 loses at most one interval of CPU time, the tail after its last sample; each run says how many
@@ -54,8 +54,9 @@ import numpy as np
 import torch
 from ray.train import UserCallback
 
-from lejepa_platform.bench.data import _synthetic_jpegs, _tree
+from lejepa_platform.bench.data import process_tree, synthetic_jpegs
 from lejepa_platform.config import RunConfig, augment_placement, to_dict
+from lejepa_platform.console import say
 from lejepa_platform.overrides import from_dict, set_values
 from lejepa_platform.data.pipeline import VIEW_TASK_NAME
 from lejepa_platform.defaults import default_run_config
@@ -72,8 +73,8 @@ STEPS_PER_S_CAP = 50
 """train.steps is at least the budget times this: far more steps than these models take per second on CPU."""
 GOAL = 0.9
 """Median platform / bare ratio of training steps wanted."""
-IDLE_NAMES = ("IDLE",)
-"""Ray worker processes waiting for work: time they spend picking up a task is the task's."""
+IDLE_NAMES = ("IDLE", "setup_worker.py", "default_worker.py")
+"""Titles of a Ray worker process that has not run a task or actor yet (starting, or waiting)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class CpuSampler(threading.Thread):
 
     def snapshot(self) -> None:
         now, procs = time.time(), {}
-        for pid in _tree(self.root):
+        for pid in process_tree(self.root):
             read = _read_process(pid)
             if read is None:
                 continue
@@ -220,10 +221,16 @@ class Charged:
 
 
 def charge(samples: list[tuple[float, Snapshot]], group: Callable[[int, str], str]) -> Charged:
-    """Charge each process's CPU time between two samples to its group and name, the name it had at
-    the first of them (the later one if it was idle then). A process first seen at a sample spent
-    all its CPU time since the previous one, when it was not there yet."""
+    """Charge each process's CPU time between two samples to its group and name: the first task or
+    actor title it ever shows (a Ray worker is titled IDLE between the short tasks it runs, but the
+    work between samples is theirs), its first title for a worker that never runs one. A process first
+    seen at a sample spent all its CPU time since the previous one, when it was not there yet."""
     times = np.array([t for t, _ in samples])
+    names: dict[tuple[int, int], str] = {}
+    for _, procs in samples:
+        for key, now in procs.items():
+            if key not in names or (names[key] in IDLE_NAMES and now.name not in IDLE_NAMES):
+                names[key] = now.name
     spent: dict[tuple[str, str], np.ndarray] = {}
     known: dict[tuple[int, int], ProcessSample] = {}
     last_seen: dict[tuple[int, int], float] = {}
@@ -231,10 +238,9 @@ def charge(samples: list[tuple[float, Snapshot]], group: Callable[[int, str], st
     for i, (t, procs) in enumerate(samples):
         for key, now in procs.items():
             before = known.get(key)
-            name = now.name if before is None or before.name in IDLE_NAMES else before.name
-            which = group(now.pid, name)
-            spent.setdefault((which, name), np.zeros(len(samples)))[i] += now.cpu_s - (before.cpu_s if before else 0.0)
-            data[i] += group(now.pid, now.name) == "data_tasks"
+            which = group(now.pid, names[key])
+            spent.setdefault((which, names[key]), np.zeros(len(samples)))[i] += now.cpu_s - (before.cpu_s if before else 0.0)
+            data[i] += which == "data_tasks"
             known[key], last_seen[key] = now, t
     return Charged(times, {k: np.cumsum(v) for k, v in spent.items()}, data, last_seen)
 
@@ -300,7 +306,7 @@ def _platform_main() -> None:
 
 def bare_loop(cfg: RunConfig, data_processes: int) -> dict[str, Any]:
     """Train with `train_step` on DataLoader batches until the time budget ends (see the module docstring)."""
-    from lejepa_platform.bench.data import _loader_batches
+    from lejepa_platform.bench.data import loader_batches
     from lejepa_platform.train.checkpoint import backbone_state
     from lejepa_platform.run.launch import epochs_needed, preflight
     from lejepa_platform.train.loop import TrainingClock
@@ -313,7 +319,7 @@ def bare_loop(cfg: RunConfig, data_processes: int) -> dict[str, Any]:
     model = Pretrainer(cfg, facts.num_classes, device=device)
     optimizer = make_optimizer(model, cfg)
     clock = TrainingClock(0.0, agree_across_ranks=False, device=device)
-    batches = _loader_batches(cfg.data, epochs_needed(cfg, facts.plan), cfg.data.batch_size, data_processes, {},
+    batches = loader_batches(cfg.data, epochs_needed(cfg, facts.plan), cfg.data.batch_size, data_processes, {},
                               photometric=augment_placement(cfg) == "data")
     step, finished, start, shapes = 0, False, 0.0, {}
     for batch in batches:
@@ -441,20 +447,18 @@ def run(quick: bool = False, *, seconds: float | None = None, repeats: int | Non
         tmp = Path(name)
         shards = ""
         if workload == "paper":
-            _synthetic_jpegs(tmp / "jpegs", 256 if quick else 2048)
+            synthetic_jpegs(tmp / "jpegs", 256 if quick else 2048)
             shards = str(tmp / "shards")
             build_shards(str(tmp / "jpegs"), shards, rows_per_shard=256, test_fraction=0.1)
         cfg = workload_config(workload, seconds, shards)
         data_processes = 1
         for index, side in enumerate(["platform", "bare"] * repeats):
-            print(f"bench e2e: {workload} run {index + 1}/{2 * repeats} ({side}, {seconds:g} s of training)",
-                  file=sys.stderr)
+            say(False, f"bench e2e: {workload} run {index + 1}/{2 * repeats} ({side}, {seconds:g} s of training)")
             record, trainer = _run_side(side, cfg, tmp, index, data_processes)
             data_processes = record["data_processes"]  # the next bare run gets what this platform run's data got
             settings.setdefault(side, trainer)
             runs.append({"repeat": index // 2, **record})
-            print(f"bench e2e: {side}: {record['steps']} steps in {record['train_seconds']:.1f} s",
-                  file=sys.stderr)
+            say(False, f"bench e2e: {side}: {record['steps']} steps in {record['train_seconds']:.1f} s")
     platform = [r for r in runs if r["side"] == "platform"]
     bare = [r for r in runs if r["side"] == "bare"]
     ratios = [round(p["steps"] / b["steps"], 3) for p, b in zip(platform, bare)]

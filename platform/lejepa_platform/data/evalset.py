@@ -1,8 +1,8 @@
 """Small evaluation sets loaded in-process (no Ray): centre-cropped uint8 images + labels.
 
 For sets that fit in memory (the embedded dataset, probes on a few thousand images, a seeded
-sample of a large unlabelled source); larger ones go through `pipeline.eval_dataset`. Both use the
-same reader, so their pixels agree.
+sample of a large unlabelled source: `max_rows`). It reads through the same reader as training,
+so their pixels agree.
 
 Splits: a source with its own fixed train/test split (a shard manifest's, Hub train-/test- files)
 is evaluated on it; any other

@@ -17,9 +17,13 @@ streaming executor polls without waiting whenever its only operator is backpress
 most of a core per rank doing so, which on a small machine starved the trainer
 (docs/data-stream.md). The tasks here wait on nothing but their inputs.
 
-Bad records: each task reports (records read, skip reasons) to a `DataStats` actor when the caller
-passes one; `stats.log_summary()` logs one line with the totals. Without a DataStats, tasks skip
-bad records and log nothing.
+Bad records: each task returns (records read, skip reasons) with its block; the consumer adds them
+up and hands the totals to a `DataStats` actor when the caller passes one (every STATS_EVERY
+blocks and when the stream closes); `stats.log_summary()` logs one line with the totals.
+
+Priority: a view task's process lowers its own priority (VIEW_TASK_NICENESS) once. On a node
+whose cores the trainers' threads use, the views are then built in the moments those threads wait,
+instead of preempting one of them and stalling the others at their next barrier.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -42,6 +47,10 @@ log = logging.getLogger("lejepa_platform.data")
 
 VIEW_TASK_NAME = "lejepa_view_block"
 """Name of the Ray tasks that build views (their processes' titles read ray::<name> while they run)."""
+VIEW_TASK_NICENESS = 10
+"""Niceness of the processes that run view tasks (the trainers run at 0: ray_env.JOB_ENV_VARS)."""
+STATS_EVERY = 64
+"""Blocks between two hand-overs of a rank's record counts to its DataStats."""
 LOADED_ITEMS_KEPT = 2
 """Work items a task's process keeps loaded: the blocks of one item usually run one after another
 in the same process, which then reads the item's records once instead of once per block."""
@@ -83,13 +92,14 @@ class DataStats:
 
 
 def stream_block_rows(cfg: DataConfig, per_worker: int) -> int:
-    """Rows of one block task: one batch of the rank, or fewer when that exceeds BLOCK_BYTES of views."""
-    return max(1, min(per_worker, block_rows(cfg)))
+    """Rows of one block task: half of data.prefetch_batches batches of the rank, so that two blocks
+    (one being consumed, one being built) hold the prefetch, but at most `reader.block_rows` (about
+    BLOCK_BYTES of views). Large blocks spread each task's fixed cost over many rows."""
+    return max(1, min(cfg.prefetch_batches * per_worker // 2, block_rows(cfg)))
 
 
 def blocks_in_flight(cfg: DataConfig, per_worker: int) -> int:
-    """Block tasks a rank keeps submitted: data.prefetch_batches batches, and at least two blocks (one
-    being consumed, one being built)."""
+    """Block tasks a rank keeps submitted: data.prefetch_batches batches, and at least two blocks."""
     return max(2, math.ceil(cfg.prefetch_batches * per_worker / stream_block_rows(cfg, per_worker)))
 
 
@@ -106,13 +116,18 @@ def _loaded_item(plan: Plan, cfg: DataConfig, seed: int, index: int) -> LoadedIt
 
 
 @ray.remote(num_cpus=1)
-def _block_task(plan: Plan, cfg: DataConfig, seed: int, index: int, start: int, rows: int, photometric: bool,
-                stats: DataStats | None) -> dict[str, np.ndarray] | None:
-    block, bad, records = block_views(_loaded_item(plan, cfg, seed, index), cfg, seed=seed, start=start, rows=rows,
-                                      photometric=photometric)
-    if stats is not None:
-        stats.add(bad, records)
-    return block
+def _block_task(plan: Plan, cfg: DataConfig, seed: int, index: int, start: int, rows: int,
+                photometric: bool) -> tuple[dict[str, np.ndarray] | None, Counter, int]:
+    _lower_priority()
+    return block_views(_loaded_item(plan, cfg, seed, index), cfg, seed=seed, start=start, rows=rows,
+                       photometric=photometric)
+
+
+def _lower_priority() -> None:
+    """Raise this process's niceness to VIEW_TASK_NICENESS (once: niceness only goes up)."""
+    current = os.nice(0)
+    if current < VIEW_TASK_NICENESS:
+        os.nice(VIEW_TASK_NICENESS - current)
 
 
 def _block_requests(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, rank: int, world: int,
@@ -145,15 +160,25 @@ def rank_blocks(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, rank: in
     def submit() -> None:
         request = next(requests, None)
         if request is not None:
-            submitted.append(task.remote(plan_ref, cfg, seed, *request, rows, photometric, stats))
+            submitted.append(task.remote(plan_ref, cfg, seed, *request, rows, photometric))
 
-    for _ in range(max(1, in_flight)):
-        submit()
-    while submitted:
-        block = ray.get(submitted.popleft())
-        submit()
-        if block is not None:
-            yield block
+    bad, records, unreported = Counter(), 0, 0
+    try:
+        for _ in range(max(1, in_flight)):
+            submit()
+        while submitted:
+            block, block_bad, block_records = ray.get(submitted.popleft())
+            submit()
+            bad.update(block_bad)
+            records, unreported = records + block_records, unreported + 1
+            if stats is not None and unreported >= STATS_EVERY:
+                stats.add(bad, records)
+                bad, records, unreported = Counter(), 0, 0
+            if block is not None:
+                yield block
+    finally:
+        if stats is not None and unreported:
+            stats.add(bad, records)
 
 
 def rank_batches(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, batch_rows: int, rank: int = 0,

@@ -84,7 +84,9 @@ def epochs_needed(cfg: RunConfig, plan: Plan) -> int:
 
 
 def connect_ray(address: str | None) -> bool:
-    """Join `address` / RAY_ADDRESS, or start a local cluster (dashboard on 127.0.0.1 only).
+    """Join `address` / RAY_ADDRESS, or start a local cluster without Ray's dashboard (a run is
+    followed in MLflow, and on a small machine the dashboard's processes cost training steps:
+    docs/performance.md; start `ray start --head` and pass its address to have one).
 
     Returns True when the cluster is a local one whose resources cannot grow, so impossible
     resource requests can be refused up front; a joined cluster may autoscale.
@@ -92,7 +94,7 @@ def connect_ray(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return address is None and ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
-    init_ray(address, include_dashboard=True, dashboard_host="127.0.0.1")
+    init_ray(address, include_dashboard=False)
     return not address
 
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from PIL import Image
 from lejepa_platform import __version__
 from lejepa_platform.batching import chunks
 from lejepa_platform.config import DataConfig
+from lejepa_platform.console import say
 from lejepa_platform.data.decode import BadImage, array_to_image, count_reasons, encode, load_image, open_image
 from lejepa_platform.data.sources import (LOCAL_FS, MANIFEST, SHARD_COLUMNS, RawRecord, is_uri, locate,
                                           open_source, read_manifest)
@@ -59,6 +59,7 @@ class _Options:
     image_format: str
     max_side: int
     max_pixels: int
+    quiet: bool
 
 
 def _shrink(image: Image.Image, max_side: int) -> Image.Image | None:
@@ -176,13 +177,14 @@ def _check_writable(out: Path) -> None:
 
 def build_shards(source: str, out: str, *, rows_per_shard: int = 4096, image_format: str = "keep",
                  max_side: int = 0, class_names: Sequence[str] | None = None, test_fraction: float = 0.0,
-                 split_seed: int = 0, meta: dict | None = None) -> dict:
+                 split_seed: int = 0, meta: dict | None = None, quiet: bool = False) -> dict:
     """Convert `source` into Parquet shards in `out` (see the module docstring); JSON-ready summary.
 
     image_format: keep (store encoded files as they are; arrays become PNG), png (lossless) or jpeg.
     max_side: downscale so the longer side is at most this many pixels (0: never).
     class_names: override the names found in the source. test_fraction / split_seed: record a fixed
     stratified split in the manifest. meta: extra manifest entries (name, licence, description).
+    quiet: no progress lines (--json).
     """
     started = time.perf_counter()
     if rows_per_shard < 1:
@@ -195,7 +197,7 @@ def build_shards(source: str, out: str, *, rows_per_shard: int = 4096, image_for
         raise UserError(f"test fraction = {test_fraction} is not allowed: must be in [0, 1)")
     src = open_source(source)
     names = list(class_names) if class_names is not None else src.class_names()
-    upload = _Upload(out) if is_uri(out) else None
+    upload = _Upload(out, quiet) if is_uri(out) else None
     settings = {"format": FORMAT, "source": src.fingerprint(), "kind": src.kind, "rows_per_shard": rows_per_shard,
                 "image_format": image_format, "max_side": max_side, "class_names": names,
                 "test_fraction": test_fraction, "split_seed": split_seed, "meta": meta or {}, "max_pixels": MAX_PIXELS}
@@ -216,7 +218,7 @@ def build_shards(source: str, out: str, *, rows_per_shard: int = 4096, image_for
     done = staging.resume()
     try:
         manifest = _write_all(src, staging, done, names, rows_per_shard, split_seed,
-                              _Options(image_format, max_side, MAX_PIXELS))
+                              _Options(image_format, max_side, MAX_PIXELS, quiet))
     except UserError:
         staging.abandon()  # bad input: leave nothing behind; an interruption keeps its shards for a re-run
         raise
@@ -241,8 +243,8 @@ def _finish(upload: _Upload | None, out: Path, manifest: dict, status: str, resu
 class _Upload:
     """OUT given as a URI: where its local staging build lives, and the upload of the finished build."""
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
+    def __init__(self, uri: str, quiet: bool) -> None:
+        self.uri, self.quiet = uri, quiet
         self.filesystem, self.root = locate(uri, must_exist=False)
         key = hashlib.sha256(uri.encode()).hexdigest()[:16]
         self.staging = Path(tempfile.gettempdir()) / "lejepa-shards" / key / self.root.rsplit("/", 1)[-1]
@@ -276,7 +278,7 @@ class _Upload:
             self.filesystem.create_dir(self.root)
             for name in names:
                 _put(staged / name, self.filesystem, f"{self.root}/{name}")
-                print(f"shards: uploaded {name}", file=sys.stderr)
+                say(self.quiet, f"shards: uploaded {name}")
             for info in self.filesystem.get_file_info(pafs.FileSelector(self.root)):
                 if info.base_name.startswith("part-") and info.base_name not in names:
                     self.filesystem.delete_file(info.path)
@@ -316,8 +318,7 @@ def _write_all(src, staging: _Staging, done: list[Path], names: list[str], rows_
         labels.append(table.column("label").to_numpy())
         keys.append(np.array([split_key(split_seed, b[2]) for b in buffer], dtype=np.int64))
         skipped.update(shard_skipped)
-        print(f"shards: wrote {path.name} ({table.num_rows} rows, {sum(s['rows'] for s in shards)} so far)",
-              file=sys.stderr)
+        say(opts.quiet, f"shards: wrote {path.name} ({table.num_rows} rows, {sum(s['rows'] for s in shards)} so far)")
         buffer.clear()
         shard_skipped.clear()
 
