@@ -12,8 +12,8 @@ that otherwise cost a small machine much of its speed (measurements in docs/perf
   those tasks need. A short spin gives them back.
 - RAY_worker_niceness: Ray starts workers at niceness 15 so the driver and its daemons win the CPU;
   on a machine with a core or two the trainer is then preempted at every wake-up of the raylet, GCS,
-  dashboard agent and driver. The job's workers run at 0; trainer and data tasks keep equal
-  priority between themselves either way.
+  dashboard agent and driver. The job's workers run at 0; the view tasks then lower their own
+  priority below the trainer's (`pipeline.VIEW_TASK_NICENESS`).
 
 A local cluster also starts with `LOCAL_SYSTEM_CONFIG` (on a cluster of your own, the same settings
 are `RAY_<name>` environment variables of `ray start`, as in cluster.yaml): Ray prestarts a worker
