@@ -238,3 +238,13 @@ def test_cli_json_passes_and_broken_config_exits_2_with_one_line(shipped, tmp_pa
     assert bad.stdout == ""
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lejepa: error: {path}: available_node_types.gpu:")
+
+
+def test_worker_nodes_start_ray_with_the_local_clusters_worker_settings(shipped):
+    """cluster.yaml cannot import ray_env, so its worker start names the same raylet settings itself."""
+    from lejepa_platform.ray_env import LOCAL_SYSTEM_CONFIG
+
+    start = " ".join(shipped["worker_start_ray_commands"])
+    for key, value in LOCAL_SYSTEM_CONFIG.items():
+        text = str(int(value)) if isinstance(value, bool) else str(value)
+        assert f"RAY_{key}={text}" in start, key

@@ -146,7 +146,8 @@ def _ray_batches(cfg, epochs: int, batch: int, procs: int, clock: dict, photomet
 
     ray.init(num_cpus=procs, include_dashboard=False, log_to_driver=False, object_store_memory=2 * 2**30)
     try:
-        ray.get([ray.remote(_warm_worker).remote() for _ in range(procs)])
+        warm = ray.remote(_warm_worker)
+        ray.get([warm.remote() for _ in range(procs)])
         clock.update(ready=time.perf_counter(), cpu=_tree_cpu())
         yield from rank_batches(plan_source(cfg.source, cfg.split), cfg, seed=0, epochs=epochs, batch_rows=batch,
                                 photometric=photometric)

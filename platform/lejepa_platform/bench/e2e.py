@@ -23,8 +23,8 @@ CPU time: every process under each side's process is sampled from /proc every SA
 runs, IDLE in between) and charged to a group: platform: trainer (the Ray Train worker, which
 also submits its rank's data tasks), data_tasks (processes running the view tasks,
 `pipeline.VIEW_TASK_NAME`), ray (raylet, GCS, dashboard and agents, workers that never ran a task,
-Ray Train's coordinating actors, the job's small actors) and driver; bare: trainer (the loop's process) and data_tasks (DataLoader
-workers). Shares are over the training window (platform: located by the Train controller's
+Ray Train's coordinating actors, the job's small actors) and driver; bare: trainer (the loop's
+process) and data_tasks (DataLoader workers). Shares are over the training window (platform: located by the Train controller's
 report times, a callback), interpolated between samples. A process that ends between two samples
 loses at most one interval of CPU time, the tail after its last sample; each run says how many
 processes ended within the window, and for the whole run compares what was sampled with what the
@@ -239,7 +239,8 @@ def charge(samples: list[tuple[float, Snapshot]], group: Callable[[int, str], st
         for key, now in procs.items():
             before = known.get(key)
             which = group(now.pid, names[key])
-            spent.setdefault((which, names[key]), np.zeros(len(samples)))[i] += now.cpu_s - (before.cpu_s if before else 0.0)
+            cpu_s = now.cpu_s - (before.cpu_s if before else 0.0)
+            spent.setdefault((which, names[key]), np.zeros(len(samples)))[i] += cpu_s
             data[i] += which == "data_tasks"
             known[key], last_seen[key] = now, t
     return Charged(times, {k: np.cumsum(v) for k, v in spent.items()}, data, last_seen)

@@ -40,8 +40,8 @@ import ray
 import torch
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data.reader import Plan, block_rows, describe
-from lejepa_platform.data.stream import LoadedItem, StreamPosition, block_views, item_rows, load_item, rank_items
+from lejepa_platform.data.reader import Plan, Unit, block_rows, describe, unit_rows
+from lejepa_platform.data.stream import LoadedItem, StreamPosition, block_views, load_item, rank_items, work_item
 
 log = logging.getLogger("lejepa_platform.data")
 
@@ -132,10 +132,16 @@ def _lower_priority() -> None:
 
 def _block_requests(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, rank: int, world: int,
                     position: StreamPosition, rows: int) -> Iterator[tuple[int, int]]:
-    """(item, first row) of each block of the rank's stream, in order, from `position` on."""
+    """(item, first row) of each block of the rank's stream, in order, from `position` on. A unit's
+    row count is looked up once per stream, not once per epoch (a split of shards reads ids for it)."""
+    counts: dict[Unit, int] = {}
     for index in rank_items(plan, cfg, epochs=epochs, rank=rank, world=world, first=position.item):
+        units = work_item(plan, cfg, seed, index).units
+        for unit in units:
+            if unit not in counts:
+                counts[unit] = unit_rows(unit, plan)
         skip = position.row if index == position.item else 0
-        yield from ((index, start) for start in range(skip, item_rows(plan, cfg, seed, index), rows))
+        yield from ((index, start) for start in range(skip, sum(counts[unit] for unit in units), rows))
 
 
 def rank_blocks(plan: Plan, cfg: DataConfig, *, seed: int, epochs: int, rank: int = 0, world: int = 1,
@@ -224,8 +230,8 @@ def _take(blocks: list[dict[str, np.ndarray]], rows: int,
         need -= min(need, size)
     batch = {}
     for key, first in parts[0].items():
-        out = torch.empty((rows, *first.shape[1:]), dtype=torch.from_numpy(first[:0].copy()).dtype,
-                          pin_memory=pin_memory)
+        dtype = torch.from_numpy(first[:0].copy()).dtype  # a copy: blocks from the object store are read-only
+        out = torch.empty((rows, *first.shape[1:]), dtype=dtype, pin_memory=pin_memory)
         np.concatenate([part[key] for part in parts], out=out.numpy())
         batch[key] = out
     return batch, rest

@@ -5,9 +5,9 @@ tars) into units of a few hundred records: consecutive Parquet row groups (local
 the plan carries the filesystem they are read through), a slice of the listing, or one tar. Row
 counts come from Parquet footers, listings and stored tar indexes, never from reading images.
 `load_unit` reads a unit's records; data/stream.py turns them into training views, `eval_blocks`
-into centre crops, with bad records skipped and counted. The same functions run inside the pipeline's Ray
-tasks, in the DataLoader workers of the benchmark's baseline and in-process for small evaluation
-sets, so the three cannot drift apart.
+into centre crops, with bad records skipped and counted. The same functions run inside the
+pipeline's Ray tasks, in the DataLoader workers of the benchmark's baseline and in-process for small
+evaluation sets, so the three cannot drift apart.
 
 Split rule: a shard manifest with a fixed split (or a Hub-layout folder of train-* and test-*
 files) serves train, test or all. A source without one serves all of its rows; `train` falls back

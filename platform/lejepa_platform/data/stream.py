@@ -21,7 +21,7 @@ import numpy as np
 
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data.decode import decode_batch
-from lejepa_platform.data.reader import UNIT_ROWS, Plan, Unit, block_rows, load_unit, unit_rows
+from lejepa_platform.data.reader import UNIT_ROWS, Plan, Unit, block_rows, load_unit
 from lejepa_platform.data.views import decode_side, multi_crop, record_seed
 
 POSITION_FIELDS = ("item", "row")
@@ -113,11 +113,6 @@ def load_item(plan: Plan, cfg: DataConfig, seed: int, index: int) -> LoadedItem:
             labels.append(unit_labels)
             ids.extend(unit_ids)
     return LoadedItem(item, images, np.concatenate(labels), ids, item.row_order(len(ids), seed))
-
-
-def item_rows(plan: Plan, cfg: DataConfig, seed: int, index: int) -> int:
-    """Rows of work item `index`, without reading its images (what `load_item` will hold)."""
-    return sum(unit_rows(unit, plan) for unit in work_item(plan, cfg, seed, index).units)
 
 
 def block_views(loaded: LoadedItem, cfg: DataConfig, *, seed: int, start: int, rows: int,
