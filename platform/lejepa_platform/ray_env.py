@@ -48,4 +48,4 @@ def init_ray(address: str | None = None, **local: Any) -> None:
     if address:
         ray.init(address=address, **job)
     else:
-        ray.init(**local, **job, _system_config=LOCAL_SYSTEM_CONFIG)
+        ray.init(**local, **job, _system_config=dict(LOCAL_SYSTEM_CONFIG))  # ray.init adds its own keys to it
