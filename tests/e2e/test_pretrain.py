@@ -72,7 +72,13 @@ def test_pretrain_two_workers_logs_every_step_once_and_learns(ray_cluster, tmp_p
     assert run["params"]["loss.num_slices"] == "64" and run["params"]["train.workers"] == "2"
     assert checkpoint_steps(tmp_path / "runs" / "basic") == [15, 20]  # keep_checkpoints = 2
     artifacts = {f.path for f in MlflowClient(cfg.track.uri).list_artifacts(run["run_id"])}
-    assert {"backbone.safetensors", "config.json", "loss_curve.png"} <= artifacts
+    assert {"backbone.safetensors", "config.json", "loss_curve.png", "ray_data_stats.txt"} <= artifacts
+    stats = Path(MlflowClient(cfg.track.uri).download_artifacts(run["run_id"], "ray_data_stats.txt", str(tmp_path)))
+    text = stats.read_text()  # Ray Data's own stats() of each rank's stream
+    assert "# rank 0:" in text and "# rank 1:" in text and "ReadLejepaRecords->MapBatches(lejepa_views)" in text
+    assert run["metrics"]["data/rows_per_s"] > 0 and run["metrics"]["data/task_cpu_s"] > 0
+    assert run["metrics"]["data/trainer_wait_s"] >= 0 and run["metrics"]["data/backpressure_s"] >= 0
+    assert run["metrics"]["data/records_read"] >= STEPS * 32 and run["metrics"]["data/records_skipped"] == 0
 
 
 def test_views_augmented_on_the_trainers_device_train_the_exact_steps(ray_cluster, tmp_path):

@@ -39,5 +39,5 @@ def test_pipelines_read_a_bucket_like_the_local_path(ray_cluster, tmp_path, fmni
     assert remote_plan.rows == local_plan.rows == 45
     views = rows_of(rank_blocks(remote_plan, remote, seed=1, epochs=1), "global")
     assert sum(views.values()) == 45 and views == rows_of(rank_blocks(local_plan, local, seed=1, epochs=1), "global")
-    crops, local_crops = load_eval_set("s3://bucket/fm", "test", 20), load_eval_set(local.source, "test", 20)
+    crops, local_crops = (load_eval_set(plan_source(where, "test"), 20) for where in ("s3://bucket/fm", local.source))
     assert len(crops.labels) == 15 and np.array_equal(crops.images, local_crops.images)

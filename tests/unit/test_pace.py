@@ -57,7 +57,9 @@ def test_the_budget_ends_the_run_on_the_step_the_agreed_pace_predicts(monkeypatc
     # expected to end at 60 s: the last, at the schedule's last position.
     assert len(plans) == 120 and plans[-1].last and plans[-1].logging and plans[-1].position == 999.0
     assert [s for s, p in enumerate(plans) if p.logging] == [*range(9, 119, 10), 119]
-    assert stop.polls == 12  # at the first step and after each of the 11 earlier logging steps: never in between
+    # Agreed at the first two steps, after each of the 11 earlier logging steps, and at step 119 to
+    # confirm the predicted end: never in between.
+    assert stop.polls == 14
     # Between agreements the position follows the predicted time: step 115 at 55 + 5 x 0.5 s.
     assert plans[115].position == pytest.approx(999 * 57.5 / 60)
     assert pace.seconds() == pytest.approx(60.0)
@@ -69,13 +71,11 @@ def test_earlier_attempts_time_counts_and_a_stop_ends_after_the_next_planned_ste
     cfg = config("train.steps=100", "train.log_every=4", "train.checkpoint_every=100")
     pace = Pace(cfg, trained_before_s=30.0, stop=StopAfter(2), world=1, device=torch.device("cpu"))
     assert pace.seconds() == 30.0  # before the first step: what earlier attempts spent
-    plans = [pace.plan(step) for step in range(40, 48)]
-    # Polled at step 40 and after the logging steps 43 and 47; the stop is seen at the third poll,
-    # so step 48 is the last before stopping.
-    assert [p.logging for p in plans] == [False, False, False, True, False, False, False, True]
-    assert not any(p.stopping for p in plans)
-    stopping = pace.plan(48)
-    assert stopping.stopping and stopping.logging and not stopping.last
+    plans = [pace.plan(step) for step in range(40, 45)]
+    # Polled at steps 40 and 41 (the first two) and after the logging step 43; the stop is seen at
+    # the third poll, so step 44 is the last before stopping.
+    assert [p.logging for p in plans[:4]] == [False, False, False, True]
+    assert not any(p.stopping for p in plans[:4]) and plans[4].stopping and plans[4].logging and not plans[4].last
     clock.now += 2.0
     assert pace.seconds() == pytest.approx(32.0)
 
@@ -132,3 +132,17 @@ def test_a_non_finite_loss_is_raised_at_the_logging_step_naming_the_first_bad_st
     for name, param in model.named_parameters():  # no update was applied by any of the bad steps
         if name != "encoder.backbone.patch_embed.proj.weight":
             torch.testing.assert_close(param, good[name], msg=name)
+
+
+def test_a_slow_first_step_does_not_end_a_budgeted_run_early(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bookkeeping.time, "perf_counter", clock)
+    cfg = config("train.steps=1000", "train.time_budget_s=8", "train.log_every=10", "train.checkpoint_every=1000")
+    pace = Pace(cfg, trained_before_s=0.0, stop=StopAfter(10**6), world=1, device=torch.device("cpu"))
+    steps = 0
+    while not pace.plan(steps).last:
+        clock.now += 3.0 if steps == 0 else 0.5  # start-up makes the first step six times slower
+        steps += 1
+    # 3 s + 9 x 0.5 s = 7.5 s before step 10, which ends at the 8 s budget: the last. The first
+    # step alone predicted the end after step 2 (3 + 2 x 3 s); a fresh agreement corrected it.
+    assert steps == 10

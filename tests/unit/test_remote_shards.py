@@ -101,7 +101,7 @@ def test_file_uri_reads_exactly_what_the_local_path_reads(local, fmnist_sample):
 
 def test_eval_set_through_a_uri_is_identical(local):
     for split in ("train", "test"):
-        remote, here = load_eval_set(local.as_uri(), split, 20), load_eval_set(str(local), split, 20)
+        remote, here = (load_eval_set(plan_source(where, split), 20) for where in (local.as_uri(), str(local)))
         assert remote.images.shape == (SPLITS[split], 3, 20, 20)
         np.testing.assert_array_equal(remote.images, here.images)
         np.testing.assert_array_equal(remote.labels, here.labels)
@@ -136,7 +136,7 @@ def test_inspect_through_a_uri(local, bucket):
 def test_missing_or_unusable_uris_are_one_clear_error(tmp_path, bucket):
     missing = (tmp_path / "nowhere").as_uri()
     for call in (lambda: inspect_shards(missing), lambda: plan_source(missing, "all"),
-                 lambda: read_manifest(missing), lambda: load_eval_set(missing, "test", 8)):
+                 lambda: read_manifest(missing), lambda: load_eval_set(plan_source(missing, "test"), 8)):
         with pytest.raises(UserError, match=f"source '{missing}' does not exist"):
             call()
     with pytest.raises(UserError, match="source 's3://bucket/in1k' does not exist"):

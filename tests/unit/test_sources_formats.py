@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from lejepa_platform.data import evalset
-from lejepa_platform.data.evalset import load_eval_set, load_eval_splits, seeded_test_mask
-from lejepa_platform.data.reader import plan_source
+from lejepa_platform.data.evalset import EvalPlan, load_eval_set, load_eval_splits, seeded_test_mask
+from lejepa_platform.data.reader import plan_source, plan_whole
 from lejepa_platform.data.shards import build_shards, read_manifest
 from lejepa_platform.data.sources import HubParquetSource, PathListSource, ShardSource, open_source
 from lejepa_platform.data.sources import tar as tar_module
@@ -78,9 +78,9 @@ def test_hub_parquet_is_read_directly_with_counts_from_the_footers(class_folder,
     plan = plan_source(str(hub), "all")
     assert (plan.rows, plan.class_names, plan.labelled) == (12, tuple(CLASSES), None)
     assert [u.kind for u in plan.units] == ["hub"] and plan.units[0].row_groups == (0, 1, 2)
-    direct = load_eval_set(str(hub), "all", 16)
+    direct = load_eval_set(plan_source(str(hub), "all"), 16)
     build_shards(str(class_folder), str(tmp_path / "shards"), test_fraction=0.0)
-    via_shards = load_eval_set(str(tmp_path / "shards"), "all", 16)
+    via_shards = load_eval_set(plan_source(str(tmp_path / "shards"), "all"), 16)
     np.testing.assert_array_equal(direct.images, via_shards.images)
     np.testing.assert_array_equal(direct.labels, via_shards.labels)
     # no label column, no class names: unlabelled, and known to be without reading an image
@@ -88,7 +88,7 @@ def test_hub_parquet_is_read_directly_with_counts_from_the_footers(class_folder,
     pq.write_table(table, tmp_path / "nolabels.parquet")
     plan = plan_source(str(tmp_path / "nolabels.parquet"), "all")
     assert (plan.rows, plan.labelled, plan.class_names) == (12, 0, ())
-    assert (load_eval_set(str(tmp_path / "nolabels.parquet"), "all", 16).labels == -1).all()
+    assert (load_eval_set(plan_source(str(tmp_path / "nolabels.parquet"), "all"), 16).labels == -1).all()
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
@@ -109,8 +109,8 @@ def test_path_list_gives_the_shards_the_class_folders_give(class_folder, tmp_pat
     assert_same_shards(tmp_path / "from-list", tmp_path / "from-folder")
     plan = plan_source(str(listing), "all")
     assert (plan.rows, plan.labelled) == (12, 12)
-    np.testing.assert_array_equal(load_eval_set(str(listing), "all", 16).images,
-                                  load_eval_set(str(class_folder), "all", 16).images)
+    np.testing.assert_array_equal(load_eval_set(plan_source(str(listing), "all"), 16).images,
+                                  load_eval_set(plan_source(str(class_folder), "all"), 16).images)
 
 
 def test_path_list_with_uris_and_unlabelled_rows(class_folder, tmp_path):
@@ -179,11 +179,12 @@ def test_seeded_split_without_a_manifest_is_exact_per_class_and_seeded(class_fol
     assert [int(test[labels == v].sum()) for v in (0, 1, -1)] == [2, 1, 4]
     np.testing.assert_array_equal(test, seeded_test_mask(labels, 0.2, seed=4))
     assert not np.array_equal(test, seeded_test_mask(labels, 0.2, seed=5))
-    splits = load_eval_splits(str(class_folder), 16, seed=0)
+    splits = load_eval_splits(EvalPlan.of(plan_whole(str(class_folder))), 16, seed=0)
     assert splits.split == "seeded" and len(splits.train.labels) + len(splits.test.labels) == 12
     fraction = evalset.SEEDED_TEST_FRACTION
     assert np.bincount(splits.test.labels).tolist() == [int(round(fraction * 4))] * 3
-    manifest = load_eval_splits("builtin:fashion-mnist-10k", 28, seed=0, need_train=False, max_rows=100)
+    builtin = EvalPlan.of(plan_whole("builtin:fashion-mnist-10k"))
+    manifest = load_eval_splits(builtin, 28, seed=0, need_train=False, max_rows=100)
     assert manifest.split == "own" and manifest.train is None and len(manifest.test.labels) == 100
 
 
@@ -194,11 +195,11 @@ def test_hub_train_and_test_files_are_the_sources_own_split(class_folder, tmp_pa
     pq.write_table(table.slice(0, 5), hub / "test-00000-of-00001.parquet")
     pq.write_table(table.slice(5, 2), hub / "validation-00000-of-00001.parquet")
     assert [plan_source(str(hub), split).rows for split in ("train", "test", "all")] == [12, 5, 19]
-    splits = load_eval_splits(str(hub), 16, seed=0)
+    splits = load_eval_splits(EvalPlan.of(plan_whole(str(hub))), 16, seed=0)
     assert splits.split == "own" and (len(splits.train.labels), len(splits.test.labels)) == (12, 5)
     np.testing.assert_array_equal(splits.test.labels, table.column("label").to_numpy()[:5])
-    np.testing.assert_array_equal(splits.test.images, load_eval_set(str(hub / "test-00000-of-00001.parquet"),
-                                                                    "all", 16).images)
+    test_file = plan_source(str(hub / "test-00000-of-00001.parquet"), "all")
+    np.testing.assert_array_equal(splits.test.images, load_eval_set(test_file, 16).images)
 
 
 def test_a_hub_dataset_repository_is_read_from_its_root(class_folder, tmp_path):
@@ -211,7 +212,8 @@ def test_a_hub_dataset_repository_is_read_from_its_root(class_folder, tmp_path):
     root, data = (plan_source(str(where), split) for where, split in ((repo, "train"), (repo / "data", "train")))
     assert open_source(str(repo)).kind == "hub-parquet" and root.rows == data.rows == 12
     assert [plan_source(str(repo), split).rows for split in ("test", "all")] == [4, 16]  # split from the file names
-    assert load_eval_set(str(repo), "test", 16).labels.tolist() == load_eval_set(str(repo / "data"), "test", 16).labels.tolist()
+    tests = [load_eval_set(plan_source(str(where), "test"), 16).labels.tolist() for where in (repo, repo / "data")]
+    assert tests[0] == tests[1]
     write_hub_parquet(repo / "other" / "train-00000-of-00001.parquet", class_folder)  # a second config
     with pytest.raises(UserError, match=r"holds Parquet files in several folders \(data, other\): give the one"):
         open_source(str(repo))

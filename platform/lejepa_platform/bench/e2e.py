@@ -312,19 +312,19 @@ def bare_loop(cfg: RunConfig, data_processes: int) -> dict[str, Any]:
     """Train with `train_step` on DataLoader batches until the time budget ends (see the module docstring)."""
     from lejepa_platform.bench.data import loader_batches
     from lejepa_platform.train.checkpoint import backbone_state
-    from lejepa_platform.run.launch import epochs_needed, preflight
+    from lejepa_platform.run.plan import prepare
     from lejepa_platform.train.bookkeeping import Pace, StopRequests
     from lejepa_platform.train.step import Pretrainer, make_optimizer, train_step
 
-    facts = preflight(cfg)
+    plan = prepare(cfg)
     device = torch.device("cpu")
     torch.set_num_threads(cfg.train.torch_threads or math.ceil(cfg.train.cpus_per_worker))
     torch.manual_seed(cfg.train.seed)
-    model = Pretrainer(cfg, facts.num_classes, device=device)
+    model = Pretrainer(cfg, plan.num_classes, device=device)
     optimizer = make_optimizer(model, cfg)
     pace = Pace(cfg, trained_before_s=0.0, stop=StopRequests(None, rank=0), world=1, device=device)
-    batches = loader_batches(cfg.data, epochs_needed(cfg, facts.plan), cfg.data.batch_size, data_processes, {},
-                              photometric=augment_placement(cfg) == "data")
+    batches = loader_batches(cfg.data, plan.epochs, cfg.data.batch_size, data_processes, {},
+                             photometric=augment_placement(cfg) == "data")
     step, finished, start, shapes = 0, False, 0.0, {}
     for batch in batches:
         plan = pace.plan(step)

@@ -13,6 +13,7 @@ probe set can be a plain image folder, a path list or Hub-layout Parquet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 
@@ -20,7 +21,8 @@ import numpy as np
 
 from lejepa_platform.config import DataConfig
 from lejepa_platform.console import warn
-from lejepa_platform.data.reader import Plan, describe, eval_blocks, plan_source
+from lejepa_platform.data.reader import Plan, describe, eval_blocks, with_split
+from lejepa_platform.data.sources import locate
 
 
 SEEDED_TEST_FRACTION = 0.2
@@ -51,47 +53,39 @@ class EvalSplits:
     (SEEDED_TEST_FRACTION, by `seeded_test_mask`)."""
 
 
-def load_eval_set(source: str, split: str, size: int, *, max_rows: int = 0, seed: int = 0,
+@dataclasses.dataclass(frozen=True)
+class EvalPlan:
+    """What an evaluation reads, planned once: the source's own train and test sides when it has a
+    fixed split, else the whole source, split by `seeded_test_mask` when it is loaded."""
+
+    whole: Plan
+    train: Plan | None
+    test: Plan | None
+
+    @classmethod
+    def of(cls, whole: Plan) -> EvalPlan:
+        """The sides of the source `whole` covers (a plan of split "all"), derived without reading."""
+        if whole.split_spec is None:
+            return cls(whole, None, None)
+        return cls(whole, with_split(whole, "train"), with_split(whole, "test"))
+
+    @property
+    def source(self) -> str:
+        return self.whole.source
+
+    @property
+    def split(self) -> str:
+        """"own" (the source's fixed split) or "seeded"."""
+        return "seeded" if self.test is None else "own"
+
+
+def load_eval_set(plan: Plan, size: int, *, max_rows: int = 0, seed: int = 0,
                   max_image_pixels: int = DataConfig().max_image_pixels) -> EvalSet:
-    """Every record of `split`, shorter side resized to `size` then centre-cropped (stored order).
+    """Every record of `plan`, shorter side resized to `size` then centre-cropped (stored order).
 
     max_rows > 0 caps the rows read: the plan's units are then visited in a seeded order and the
     first max_rows rows kept, a seeded sample that never reads the whole of a large source.
     """
-    return _load(plan_source(source, split), size, max_rows=max_rows, seed=seed, max_image_pixels=max_image_pixels)
-
-
-def load_eval_splits(source: str, size: int, *, seed: int, need_train: bool = True, max_rows: int = 0,
-                     max_image_pixels: int = DataConfig().max_image_pixels) -> EvalSplits:
-    """The source's train and test sides: its own fixed split, else a seeded one.
-
-    max_rows > 0 caps each side at about max_rows rows (a seeded sample, see `load_eval_set`).
-    """
-    plan = plan_source(source, "all")
-    if plan.split_spec is not None:
-        test = load_eval_set(source, "test", size, max_rows=max_rows, seed=seed, max_image_pixels=max_image_pixels)
-        train = (load_eval_set(source, "train", size, max_rows=max_rows, seed=seed, max_image_pixels=max_image_pixels)
-                 if need_train else None)
-        return EvalSplits(train, test, "own")
-    everything = _load(plan, size, max_rows=math.ceil(max_rows / SEEDED_TEST_FRACTION), seed=seed,
-                       max_image_pixels=max_image_pixels)
-    test = seeded_test_mask(everything.labels, SEEDED_TEST_FRACTION, seed)
-    return EvalSplits(everything.subset(~test) if need_train else None, everything.subset(test), "seeded")
-
-
-def seeded_test_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Exactly round(fraction * n) rows of each label value (n its rows; -1 included) held out,
-    chosen by a permutation seeded by `seed` alone (the rows' stored order is deterministic)."""
-    labels = np.asarray(labels)
-    keys = np.random.default_rng([seed % 2**64, 0x7E57]).permutation(len(labels))
-    test = np.zeros(len(labels), dtype=bool)
-    for value in np.unique(labels):
-        members = np.flatnonzero(labels == value)
-        test[members[np.argsort(keys[members])[:int(round(fraction * len(members)))]]] = True
-    return test
-
-
-def _load(plan: Plan, size: int, *, max_rows: int, seed: int, max_image_pixels: int) -> EvalSet:
     units = list(plan.units)
     if max_rows and plan.rows > max_rows:
         order = np.random.default_rng([seed % 2**64, 0xE7A1]).permutation(len(units))
@@ -115,3 +109,31 @@ def _load(plan: Plan, size: int, *, max_rows: int, seed: int, max_image_pixels: 
     if max_rows:
         stacked, stacked_labels = stacked[:max_rows], stacked_labels[:max_rows]
     return EvalSet(stacked, stacked_labels, plan.class_names, skipped)
+
+
+def load_eval_splits(plan: EvalPlan, size: int, *, seed: int, need_train: bool = True, max_rows: int = 0,
+                     max_image_pixels: int = DataConfig().max_image_pixels) -> EvalSplits:
+    """The planned train and test sides: the source's own fixed split, else a seeded one.
+
+    max_rows > 0 caps each side at about max_rows rows (a seeded sample, see `load_eval_set`).
+    """
+    locate(plan.source)  # gone since it was planned (a long run): one line saying so, not an empty set
+    load = functools.partial(load_eval_set, size=size, seed=seed, max_image_pixels=max_image_pixels)
+    if plan.test is not None:
+        train = load(plan.train, max_rows=max_rows) if need_train else None
+        return EvalSplits(train, load(plan.test, max_rows=max_rows), "own")
+    everything = load(plan.whole, max_rows=math.ceil(max_rows / SEEDED_TEST_FRACTION))
+    test = seeded_test_mask(everything.labels, SEEDED_TEST_FRACTION, seed)
+    return EvalSplits(everything.subset(~test) if need_train else None, everything.subset(test), "seeded")
+
+
+def seeded_test_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Exactly round(fraction * n) rows of each label value (n its rows; -1 included) held out,
+    chosen by a permutation seeded by `seed` alone (the rows' stored order is deterministic)."""
+    labels = np.asarray(labels)
+    keys = np.random.default_rng([seed % 2**64, 0x7E57]).permutation(len(labels))
+    test = np.zeros(len(labels), dtype=bool)
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        test[members[np.argsort(keys[members])[:int(round(fraction * len(members)))]]] = True
+    return test

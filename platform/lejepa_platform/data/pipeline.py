@@ -188,6 +188,17 @@ class IdleBackoff(ExecutionCallback):
             time.sleep(self._sleep_s)
 
 
+def pin_ray_data_actors() -> None:
+    """Execute a one-row Dataset in this process (the driver). Ray Data creates its cluster-wide
+    detached actors (stats, autoscaling coordinator) on the node of the first process that executes
+    a Dataset and keeps them there; created by a trainer on a worker node instead, they would keep
+    that node busy for good, and an autoscaler could never remove it (tests/e2e/test_autoscaling.py)."""
+    dataset = ray.data.range(1)
+    dataset.context.enable_progress_bars = False
+    dataset.context.print_on_execution_start = False
+    dataset.take_all()
+
+
 def stream_block_rows(cfg: DataConfig, per_worker: int) -> int:
     """Rows of one view block: half of data.prefetch_batches batches of the rank, so that two blocks
     (one being consumed, one being built) hold the prefetch, but at most `reader.block_rows` (about

@@ -79,51 +79,80 @@ class Plan:
 
 def plan_source(source: str, split: str) -> Plan:
     """Cut `source` into units and resolve `split` (train, test or all) against its manifest."""
-    if split not in ("train", "test", "all"):
-        raise UserError(f"split {split!r} is not allowed: must be one of train, test, all")
+    return with_split(plan_whole(source), split)
+
+
+def plan_whole(source: str) -> Plan:
+    """All of `source` cut into units (split "all"), with what `with_split` needs to derive its
+    train and test plans without opening the source again."""
     src = open_source(source)
-    spec, filesystem, labelled = None, LOCAL_FS, None
     if isinstance(src, (ShardSource, HubParquetSource)):
+        units, total, spec, labelled = _plan_parquet(src)
         filesystem = src.filesystem
-        units = _parquet_units("parquet" if isinstance(src, ShardSource) else "hub", src.files, src.footers)
-        total = sum(meta.num_rows for meta in src.footers)
-        if isinstance(src, ShardSource) and src.manifest:
-            spec = src.manifest.get("split")
-            labelled = int(src.manifest["rows"]) - int(src.manifest.get("unlabelled", 0))
-        elif isinstance(src, HubParquetSource):
-            labelled = None if src.has_labels else 0
-            groups = src.file_splits()
-            if groups is not None:  # the split is the files: units of the other split are left out
-                spec = {"method": "files", "rows": {name: sum(meta.num_rows for file, meta in
-                                                              zip(src.files, src.footers) if file in files)
-                                                    for name, files in groups.items()}}
-                units = [u for u in units if split == "all" or u.path in groups.get(split, ())]
     elif isinstance(src, (FolderSource, PathListSource)):
-        entries = src.entries
-        root = src.path if isinstance(src, FolderSource) else src.path.parent
-        units = [Unit("files", str(root), files=tuple(e[0] for e in entries[i:i + UNIT_ROWS]),
-                      labels=tuple(e[1] for e in entries[i:i + UNIT_ROWS]), rows=len(entries[i:i + UNIT_ROWS]))
-                 for i in range(0, len(entries), UNIT_ROWS)]
-        total = len(entries)
-        labelled = sum(1 for _, label in entries if label >= 0)
+        units, total, spec, labelled = _plan_listing(src)
+        filesystem = LOCAL_FS
     elif isinstance(src, TarSource):
         indexes = src.indexes()
         units = [Unit("tar", str(tar), rows=index.rows) for tar, index in zip(src.tars, indexes) if index.rows]
-        total = sum(index.rows for index in indexes)
-        labelled = sum(index.labelled for index in indexes)
+        total, spec, labelled = sum(i.rows for i in indexes), None, sum(i.labelled for i in indexes)
+        filesystem = LOCAL_FS
     else:
         raise UserError(f"{source!r} is a {src.kind} source, which the pipeline reads through shards: "
                         f"run `lejepa shards build {source} OUT` and use OUT")
+    if total == 0:
+        raise UserError(f"{source!r} has no rows in split 'all'")
+    return Plan(source, tuple(units), "all", spec, total, tuple(src.class_names()), filesystem, labelled)
+
+
+def with_split(plan: Plan, split: str) -> Plan:
+    """The plan of `split` (train, test or all) of the source `plan` covers whole, derived from the
+    whole plan alone (no reading)."""
+    if split not in ("train", "test", "all"):
+        raise UserError(f"split {split!r} is not allowed: must be one of train, test, all")
+    if plan.split != "all":
+        raise ValueError(f"with_split derives from a plan of the whole source, got split {plan.split!r}")
+    spec = plan.split_spec
     if spec is None and split == "test":
-        raise UserError(f"{source!r} has no fixed train/test split, so there is no test split; use split=all "
+        raise UserError(f"{plan.source!r} has no fixed train/test split, so there is no test split; use split=all "
                         f"or build shards with a test fraction")
     if spec is None and split == "train":
-        log.warning("%s has no fixed train/test split: split 'train' reads all %d rows", source, total)
-        split = "all"
-    rows = total if split == "all" else int(spec["rows"][split])
+        log.warning("%s has no fixed train/test split: split 'train' reads all %d rows", plan.source, plan.rows)
+    if spec is None or split == "all":
+        return plan
+    units = plan.units if spec["method"] != "files" else tuple(u for u in plan.units if u.path in spec["files"][split])
+    rows = int(spec["rows"][split])
     if rows == 0:
-        raise UserError(f"{source!r} has no rows in split {split!r}")
-    return Plan(source, tuple(units), split, spec, rows, tuple(src.class_names()), filesystem, labelled)
+        raise UserError(f"{plan.source!r} has no rows in split {split!r}")
+    return dataclasses.replace(plan, units=units, split=split, rows=rows)
+
+
+def _plan_parquet(src: ShardSource | HubParquetSource) -> tuple[list[Unit], int, dict | None, int | None]:
+    """Units, rows, split spec and labelled rows of shards or Hub-layout Parquet (from the footers)."""
+    units = _parquet_units("parquet" if isinstance(src, ShardSource) else "hub", src.files, src.footers)
+    total = sum(meta.num_rows for meta in src.footers)
+    if isinstance(src, ShardSource):
+        if not src.manifest:
+            return units, total, None, None
+        labelled = int(src.manifest["rows"]) - int(src.manifest.get("unlabelled", 0))
+        return units, total, src.manifest.get("split"), labelled
+    groups = src.file_splits()
+    spec = None
+    if groups is not None:  # the split is the files: a split's plan keeps the units of its files
+        rows = {name: sum(meta.num_rows for file, meta in zip(src.files, src.footers) if file in files)
+                for name, files in groups.items()}
+        spec = {"method": "files", "rows": rows, "files": groups}
+    return units, total, spec, None if src.has_labels else 0
+
+
+def _plan_listing(src: FolderSource | PathListSource) -> tuple[list[Unit], int, None, int]:
+    """Units of UNIT_ROWS files of an image folder or a path list, in listing order."""
+    entries = src.entries
+    root = src.path if isinstance(src, FolderSource) else src.path.parent
+    units = [Unit("files", str(root), files=tuple(e[0] for e in entries[i:i + UNIT_ROWS]),
+                  labels=tuple(e[1] for e in entries[i:i + UNIT_ROWS]), rows=len(entries[i:i + UNIT_ROWS]))
+             for i in range(0, len(entries), UNIT_ROWS)]
+    return units, len(entries), None, sum(1 for _, label in entries if label >= 0)
 
 
 def _parquet_units(kind: str, files: list[str], footers: list) -> list[Unit]:

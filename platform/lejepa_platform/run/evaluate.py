@@ -8,7 +8,7 @@ themselves stay free of Ray and MLflow.
 Unlabelled data still gets the label-free report (geometry of the held-out embeddings, pretrained
 against random init): labelled protocols that were only the default are skipped with one line
 saying why; protocols the user asked for (`--protocol`, or a separate `eval.data`) on data without
-labels are a UserError, raised for eval.data before any worker starts (`check_eval_data`).
+labels are a UserError, raised for eval.data before any worker starts (`plan_eval_data`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from lejepa_platform.artifacts import BACKBONE_FILE, CONFIG_FILE, REPORT_FILE
 from lejepa_platform.config import RunConfig
 from lejepa_platform.overrides import from_dict, set_values
-from lejepa_platform.data.evalset import load_eval_splits
-from lejepa_platform.data.reader import plan_source
+from lejepa_platform.data.evalset import EvalPlan, load_eval_splits
+from lejepa_platform.data.reader import plan_whole
 from lejepa_platform.errors import UserError
 from lejepa_platform.names import safe_name
 from lejepa_platform.eval.report import PROTOCOLS, evaluation_report, missing_labels
@@ -42,21 +42,21 @@ DEFAULT_PROTOCOLS = ("knn", "linear")
 """What `lejepa eval` runs without --protocol (skipped, not refused, on unlabelled data)."""
 
 
-def evaluate_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], source: str, *,
+def evaluate_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], plan: EvalPlan, *,
                      protocols: tuple[str, ...], required: bool, plots_dir: Path | None = None) -> dict[str, Any]:
-    """The report for `weights` (Encoder or backbone state) on `source`, reading the features
-    cfg.eval.features names: `protocols` when the data has labels, else the label-free part alone
-    (UserError instead when `required`). The report also says which split it used ("split": "own"
-    or "seeded", see data/evalset.py)."""
+    """The report for `weights` (Encoder or backbone state) on the planned evaluation data, reading
+    the features cfg.eval.features names: `protocols` when the data has labels, else the label-free
+    part alone (UserError instead when `required`). The report also says which split it used
+    ("split": "own" or "seeded", see data/evalset.py)."""
     size = cfg.eval.eval_size or cfg.data.global_size
     seed = cfg.train.seed
-    plan = plan_source(source, "all")
+    source = plan.source
     reason = None
-    if plan.labelled == 0:
-        reason = f"{source!r} has no labels (all {plan.rows} images are label -1)"
-        splits = load_eval_splits(source, size, seed=seed, need_train=False, max_rows=GEOMETRY_ROWS)
+    if plan.whole.labelled == 0:
+        reason = f"{source!r} has no labels (all {plan.whole.rows} images are label -1)"
+        splits = load_eval_splits(plan, size, seed=seed, need_train=False, max_rows=GEOMETRY_ROWS)
     else:
-        splits = load_eval_splits(source, size, seed=seed)
+        splits = load_eval_splits(plan, size, seed=seed)
         missing = missing_labels(splits.train, "train") or missing_labels(splits.test, "test")
         reason = f"{source!r}: {missing}" if missing else None
     if reason and required:
@@ -69,19 +69,21 @@ def evaluate_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], source: s
     return report
 
 
-def check_eval_data(cfg: RunConfig) -> None:
-    """eval.data can be evaluated: it exists, and has labels when known without reading images.
-    Called before any worker starts, so a bad probe set costs a second, not a training run."""
+def plan_eval_data(cfg: RunConfig) -> EvalPlan | None:
+    """The plan of eval.data, checked: it exists, and has labels when known without reading images.
+    Called before any worker starts, so a bad probe set costs a second, not a training run. None
+    when eval.data is empty (the run evaluates on data.source) or evaluation is off."""
     if not cfg.eval.enabled or not cfg.eval.data:
-        return
+        return None
     try:
-        plan = plan_source(cfg.eval.data, "all")
+        plan = plan_whole(cfg.eval.data)
     except UserError as err:
         raise UserError(f"eval.data: {err}") from None
     if plan.labelled == 0:
         raise UserError(f"eval.data {cfg.eval.data!r} has no labels (all {plan.rows} images are label -1), but "
                         f"eval.protocols = {','.join(cfg.eval.protocols)} need labelled images; give a labelled "
                         f"source, or leave eval.data empty for the label-free report of data.source")
+    return EvalPlan.of(plan)
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -130,13 +132,13 @@ def eval_from_cli(target: str, *, data: str, protocols: str | None, tracking_uri
     run id. The probes read `features`, by default what the run's own eval.features says. Without
     `protocols` (a comma list) the DEFAULT_PROTOCOLS run when `data` has labels."""
     chosen = parse_protocols(protocols) if protocols is not None else DEFAULT_PROTOCOLS
-    plan_source(data, "all")  # a missing or unreadable source fails before the checkpoint is loaded
+    plan = EvalPlan.of(plan_whole(data))  # a missing or unreadable source fails before the checkpoint is loaded
     uri = resolve_tracking_uri(tracking_uri or "")
     cfg, weights, run_id = load_target(target, uri)
     if features is not None:
         cfg = set_values(cfg, {"eval.features": features})
     out = Path(OUT_DIR).resolve() / safe_name(target.strip("/"))[-80:]
-    report = evaluate_weights(cfg, weights, data, protocols=chosen, required=protocols is not None, plots_dir=out)
+    report = evaluate_weights(cfg, weights, plan, protocols=chosen, required=protocols is not None, plots_dir=out)
     report.update({"target": target, "data": data})
     report_path = out / REPORT_FILE
     report_path.write_text(json.dumps(report, indent=2))

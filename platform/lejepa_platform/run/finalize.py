@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from lejepa_platform.artifacts import BACKBONE_FILE, LOSS_CURVE_FILE, REPORT_FILE, STREAM_STATS_FILE
 from lejepa_platform.config import RunConfig
 from lejepa_platform.console import say
+from lejepa_platform.data.evalset import EvalPlan
 from lejepa_platform.data.pipeline import DataStats
 from lejepa_platform.eval.plots import plot_loss_curve
 from lejepa_platform.run.evaluate import evaluate_weights, report_metrics
@@ -31,8 +32,10 @@ from lejepa_platform.train.checkpoint import backbone_state, encoder_state, load
 CURVE_KEYS = ("loss/total", "loss/prediction", "loss/sigreg")
 
 
-def finalize_run(cfg: RunConfig, tracker: Tracker, checkpoint_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Evaluate, log and attach; returns the summary printed by `lejepa pretrain`."""
+def finalize_run(cfg: RunConfig, evaluation: EvalPlan | None, tracker: Tracker, checkpoint_dir: Path, *,
+                 quiet: bool = False) -> dict[str, Any]:
+    """Attach, then evaluate on the planned `evaluation` data (None: no evaluation) and log;
+    returns the summary printed by `lejepa pretrain`."""
     state, _ = load_checkpoint(checkpoint_dir)
     params = sum(v.numel() for v in backbone_state(state.model).values())
     flops = training_flops_per_image(cfg) * state.step * cfg.data.batch_size
@@ -54,7 +57,7 @@ def finalize_run(cfg: RunConfig, tracker: Tracker, checkpoint_dir: Path, *, quie
             plot_loss_curve([s for s, _ in history[CURVE_KEYS[0]]],
                             {k: [x for _, x in v] for k, v in history.items()}, out / LOSS_CURVE_FILE)
             tracker.log_artifact(str(out / LOSS_CURVE_FILE))
-        report = _evaluate(cfg, state.model, out / "eval", quiet)
+        report = _evaluate(cfg, evaluation, state.model, out / "eval", quiet)
         if report is not None:
             for name, path in report["plots"].items():
                 if path:
@@ -66,15 +69,14 @@ def finalize_run(cfg: RunConfig, tracker: Tracker, checkpoint_dir: Path, *, quie
     return summary
 
 
-def _evaluate(cfg: RunConfig, model_state: dict[str, torch.Tensor], plots_dir: Path,
+def _evaluate(cfg: RunConfig, evaluation: EvalPlan | None, model_state: dict[str, torch.Tensor], plots_dir: Path,
               quiet: bool) -> dict[str, Any] | None:
     """The evaluation report on eval.data (else data.source): probes when it has labels, the
     label-free part always."""
-    if not cfg.eval.enabled:
+    if evaluation is None:
         return None
-    source = cfg.eval.data or cfg.data.source
-    say(quiet, f"evaluating frozen features of {source} (pretrained, random init, raw pixels) ...")
-    report = evaluate_weights(cfg, encoder_state(model_state), source, protocols=cfg.eval.protocols,
+    say(quiet, f"evaluating frozen features of {evaluation.source} (pretrained, random init, raw pixels) ...")
+    report = evaluate_weights(cfg, encoder_state(model_state), evaluation, protocols=cfg.eval.protocols,
                               required=bool(cfg.eval.data), plots_dir=plots_dir)
     if report["skipped"]:
         say(quiet, report["skipped"])

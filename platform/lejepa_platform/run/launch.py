@@ -1,18 +1,21 @@
-"""From a RunConfig to a finished, recorded pretraining run on Ray Train.
+"""From a RunConfig to a finished, recorded pretraining run on Ray Train, in four named steps:
 
-Order matters for users: everything that can be checked without workers (config, backbone name,
-data, resources) is checked first, so bad input fails in a second with one line. Then the MLflow
-run is opened on the driver, the TorchTrainer runs, and the driver evaluates the final backbone
-and attaches the artifacts.
+    prepare      check and plan everything that needs no worker (run/plan.py): bad input fails in a
+                 second with one line
+    tracked_run  open (or resume) the MLflow run and the run record; the run's outcome, whatever
+                 it is, becomes its status in one place: FINISHED, KILLED (stopped by a signal) or
+                 FAILED
+    fit          the TorchTrainer, with the stop signals (SIGTERM, Ctrl-C) of run/stop.py
+    finalize     the backbone artifact, then the evaluation and the data figures, on the driver
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,65 +25,28 @@ from ray.train.torch import TorchTrainer
 
 from lejepa_platform.artifacts import CONFIG_FILE
 from lejepa_platform.capacity import check_room_for_data
-from lejepa_platform.config import RunConfig, TrainConfig, flatten, per_worker_batch_size, to_dict, warmup_steps
-from lejepa_platform.overrides import apply_overrides, from_dict
+from lejepa_platform.config import RunConfig, flatten, per_worker_batch_size, to_dict, warmup_steps
 from lejepa_platform.console import say, warn
-from lejepa_platform.data.pipeline import DataStats
-from lejepa_platform.data.reader import UNIT_ROWS, Plan, plan_source
-from lejepa_platform.data.stream import window_units, windows_per_epoch
-from lejepa_platform.data.shards import read_manifest
+from lejepa_platform.data.pipeline import DataStats, pin_ray_data_actors
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import RunFailed, RunStopped, UserError
-from lejepa_platform.run.evaluate import check_eval_data
-from lejepa_platform.model import check_backbone
+from lejepa_platform.overrides import apply_overrides, from_dict
 from lejepa_platform.ray_env import init_ray
 from lejepa_platform.recipes import load_recipe
-from lejepa_platform.tracking import MLflowTracker, resolve_tracking_uri, run_environment_tags
 from lejepa_platform.run.finalize import finalize_run, log_data_figures
-from lejepa_platform.train.checkpoint import load_checkpoint
-from lejepa_platform.train.loop import RECORD_IDS_ENV, worker_loop
+from lejepa_platform.run.plan import RunPlan, prepare
 from lejepa_platform.run.progress import ProgressBoard, ProgressCallback, ProgressPrinter
 from lejepa_platform.run.stop import SIGNAL_EXIT_CODES, fit_with_stop_signals
-from lejepa_platform.run.storage import absolute_storage, read_run_record, run_exists, write_run_record
-
-
-@dataclasses.dataclass(frozen=True)
-class DataFacts:
-    """What the driver learns about the data before starting workers (planned once, sent to every rank)."""
-
-    plan: Plan
-    num_classes: int
-
-    @property
-    def rows(self) -> int:
-        return self.plan.rows
+from lejepa_platform.run.storage import absolute_storage, read_run_record, write_run_record
+from lejepa_platform.tracking import MLflowTracker, run_environment_tags
+from lejepa_platform.train.checkpoint import load_checkpoint
+from lejepa_platform.train.loop import PLAN_KEY, RECORD_IDS_ENV, worker_loop
 
 
 def resolve_config(recipe: str | None, overrides: list[str]) -> RunConfig:
     """The recipe's config (or the embedded default) with `--set` overrides applied."""
     base = load_recipe(recipe, RunConfig) if recipe else default_run_config()
     return apply_overrides(base, overrides)
-
-
-def preflight(cfg: RunConfig) -> DataFacts:
-    """Checks that need no workers: backbone known to timm, data present and large enough, eval.data usable."""
-    check_backbone(cfg.model)
-    check_eval_data(cfg)
-    plan = plan_source(cfg.data.source, cfg.data.split)
-    rows = plan.rows
-    if rows < cfg.data.batch_size:
-        raise UserError(f"data.source {cfg.data.source!r} split {cfg.data.split!r} has {rows} images, "
-                        f"fewer than data.batch_size = {cfg.data.batch_size}")
-    manifest = _manifest_or_empty(cfg.data.source)
-    return DataFacts(plan=plan, num_classes=len(manifest.get("classes", [])))
-
-
-def epochs_needed(cfg: RunConfig, plan: Plan) -> int:
-    """Whole epochs the ranks' streams must cover: the run's images, plus a shuffle window per rank
-    (ranks take whole windows, so one may run a window ahead of another), plus one epoch of margin."""
-    images = cfg.train.steps * cfg.data.batch_size
-    slack = cfg.train.workers * window_units(cfg.data) * UNIT_ROWS
-    return math.ceil((images + slack) / plan.rows) + 1
 
 
 def connect_ray(address: str | None) -> bool:
@@ -118,91 +84,112 @@ def check_resources(cfg: RunConfig, final: bool) -> None:
 
 def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None = None, quiet: bool = False,
              parent_run_id: str | None = None, callbacks: tuple = ()) -> dict[str, Any]:
-    """Run (or resume) one pretraining and return its summary; raises RunFailed if training fails."""
-    facts = preflight(cfg)
-    storage = absolute_storage(cfg.train.storage_path)
-    name = resume or cfg.train.name or time.strftime("lejepa-%Y%m%d-%H%M%S")
-    if not resume and run_exists(storage, name):
-        raise UserError(f"a run named {name!r} already exists under {storage}; use --resume {name} or another train.name")
-    final_cluster = connect_ray(address)
-    check_resources(cfg, final_cluster)
+    """Run (or resume) one pretraining and return its summary; raises RunFailed if training fails,
+    RunStopped when a signal stopped it (after a checkpoint)."""
+    plan = prepare(cfg, resume=resume)
+    check_resources(cfg, connect_ray(address))
+    started = time.monotonic()
+    with tracked_run(plan, parent_run_id=parent_run_id, quiet=quiet) as (plan, tracker):
+        checkpoint, data_stats = fit(plan, quiet=quiet, callbacks=callbacks)
+        summary = finalize(plan, tracker, checkpoint, data_stats, quiet=quiet)
+    summary.update({"name": plan.name, "storage": plan.run_dir, "mlflow_run_id": plan.mlflow_run_id,
+                    "tracking_uri": plan.tracking_uri, "wall_time_s": round(time.monotonic() - started, 1)})
+    return summary
 
-    tracking_uri = resolve_tracking_uri(cfg.track.uri)
-    if resume:
-        record = read_run_record(storage, name)
-        tracker = MLflowTracker.start(record["tracking_uri"], cfg.track.experiment, run_id=record["mlflow_run_id"])
-        tracking_uri = record["tracking_uri"]
+
+@contextlib.contextmanager
+def tracked_run(plan: RunPlan, *, parent_run_id: str | None, quiet: bool) -> Iterator[tuple[RunPlan, MLflowTracker]]:
+    """The run's MLflow run, opened (a new run: params, config artifact and run record written) or
+    resumed, and finished with the status the outcome says: FINISHED when the block completes,
+    KILLED when a signal stopped it (RunStopped, a second Ctrl-C), FAILED on any other error."""
+    if plan.resumed:
+        tracker = MLflowTracker.start(plan.tracking_uri, plan.cfg.track.experiment, run_id=plan.mlflow_run_id)
     else:
-        tracker = MLflowTracker.start(tracking_uri, cfg.track.experiment, run_name=cfg.track.run_name or name,
-                                      parent_run_id=parent_run_id, tags=run_environment_tags())
-        tracker.log_params(flatten(cfg))
-        tracker.log_params({"derived.per_worker_batch_size": per_worker_batch_size(cfg),
-                            "derived.warmup_steps": warmup_steps(cfg), "derived.data_rows": facts.rows})
-        tracker.log_dict(to_dict(cfg), CONFIG_FILE)
-        write_run_record(storage, name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
-                                         "tracking_uri": tracking_uri})
-    say(quiet, f"run {name}: MLflow run {tracker.run_id} at {tracking_uri}")
-    say(quiet, f"  view it: mlflow ui --backend-store-uri {tracking_uri}")
+        tracker = _open_new_run(plan, parent_run_id)
+        plan = plan.tracked(tracker.run_id)
+    say(quiet, f"run {plan.name}: MLflow run {tracker.run_id} at {plan.tracking_uri}")
+    say(quiet, f"  view it: mlflow ui --backend-store-uri {plan.tracking_uri}")
+    status = "FAILED"
+    try:
+        yield plan, tracker
+        status = "FINISHED"
+    except BaseException as err:
+        status = _status_of(err)
+        raise
+    finally:
+        tracker.finish(status)
 
-    board = ProgressBoard.remote()
-    data_stats = DataStats()
+
+def _status_of(err: BaseException) -> str:
+    """KILLED for a stop (RunStopped, a second Ctrl-C or SIGTERM, an exit), FAILED for any other error."""
+    return "FAILED" if isinstance(err, Exception) and not isinstance(err, RunStopped) else "KILLED"
+
+
+def _open_new_run(plan: RunPlan, parent_run_id: str | None) -> MLflowTracker:
+    cfg = plan.cfg
+    tracker = MLflowTracker.start(plan.tracking_uri, cfg.track.experiment, run_name=cfg.track.run_name or plan.name,
+                                  parent_run_id=parent_run_id, tags=run_environment_tags())
+    tracker.log_params(flatten(cfg))
+    tracker.log_params({"derived.per_worker_batch_size": per_worker_batch_size(cfg),
+                        "derived.warmup_steps": warmup_steps(cfg), "derived.data_rows": plan.data.rows})
+    tracker.log_dict(to_dict(cfg), CONFIG_FILE)
+    write_run_record(plan.storage, plan.name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
+                                               "tracking_uri": plan.tracking_uri})
+    return tracker
+
+
+def fit(plan: RunPlan, *, quiet: bool, callbacks: tuple = ()) -> tuple[ray.train.Checkpoint, DataStats]:
+    """Train on Ray Train until the run's last step or a stop signal; returns the last checkpoint and
+    the stream's figures. RunFailed when workers failed past train.max_failures or left no
+    checkpoint; RunStopped (with the signal's exit code) after a requested stop."""
+    cfg = plan.cfg
+    pin_ray_data_actors()
+    board, data_stats = ProgressBoard.remote(), DataStats()
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"run": to_dict(cfg), "num_classes": facts.num_classes,
-                           "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id,
-                           "plan": facts.plan, "epochs": epochs_needed(cfg, facts.plan),
-                           "windows_per_epoch": windows_per_epoch(facts.plan, cfg.data),
-                           "data_stats": data_stats, "board": board,
-                           "ids_log": os.environ.get(RECORD_IDS_ENV)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker=worker_resources(cfg)),
+        train_loop_config={PLAN_KEY: plan.for_workers(board=board, data_stats=data_stats,
+                                                      ids_log=os.environ.get(RECORD_IDS_ENV))},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=plan.name, storage_path=plan.storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[ProgressCallback(board), *callbacks]),
-    )
-    started = time.monotonic()
-    resume_hint = f"lejepa pretrain --resume {name}" + (
-        f" --set train.storage_path={storage}" if cfg.train.storage_path != TrainConfig.storage_path else "")
+            callbacks=[ProgressCallback(board), *callbacks]))
     try:
         with ProgressPrinter(board, cfg.train.steps, time_budget_s=cfg.train.time_budget_s, enabled=not quiet):
             result, stop_signal = fit_with_stop_signals(trainer, board, quiet=quiet)
     except ray.train.TrainingFailedError as err:
-        tracker.finish("FAILED")
-        raise RunFailed(f"{name}: {_root_cause(err)} (last good checkpoint kept under {storage}/{name})") from err
+        raise RunFailed(f"{plan.name}: {_root_cause(err)} (last good checkpoint kept under {plan.run_dir})") from err
     except BaseException:  # a second Ctrl-C / SIGTERM: stopped at once, from the last checkpoint
-        tracker.finish("KILLED")
-        warn(f"stopped; continue with: {resume_hint}")
+        warn(f"stopped; continue with: {plan.resume_command}")
         raise
-    if stop_signal is not None and result.checkpoint is not None:
-        tracker.finish("KILLED")
+    if result.checkpoint is None:
+        raise RunFailed(f"{plan.name}: training ended without a checkpoint")
+    if stop_signal is not None:
         with result.checkpoint.as_directory() as directory:
             stopped_at = load_checkpoint(directory)[0].step
-        raise RunStopped(f"{name}: stopped by {signal.Signals(stop_signal).name} after step {stopped_at} "
-                         f"(checkpoint written); continue with: {resume_hint}", exit_code=SIGNAL_EXIT_CODES[stop_signal])
-    if result.checkpoint is None:
-        tracker.finish("FAILED")
-        raise RunFailed(f"{name}: training ended without a checkpoint")
-    checkpoint = f"{storage}/{name}/{Path(result.checkpoint.path).name}"
+        raise RunStopped(f"{plan.name}: stopped by {signal.Signals(stop_signal).name} after step {stopped_at} "
+                         f"(checkpoint written); continue with: {plan.resume_command}",
+                         exit_code=SIGNAL_EXIT_CODES[stop_signal])
+    return result.checkpoint, data_stats
+
+
+def finalize(plan: RunPlan, tracker: MLflowTracker, checkpoint: ray.train.Checkpoint, data_stats: DataStats, *,
+             quiet: bool) -> dict[str, Any]:
+    """The end of the run on the driver (run/finalize.py); any failure is one RunFailed line naming
+    the trained checkpoint and the `lejepa eval` command that finishes the job."""
     try:  # nothing after training may leave the run looking alive
-        with result.checkpoint.as_directory() as directory:
-            summary = finalize_run(cfg, tracker, Path(directory), quiet=quiet)
+        with checkpoint.as_directory() as directory:
+            summary = finalize_run(plan.cfg, plan.evaluation, tracker, Path(directory), quiet=quiet)
         summary["data"] = log_data_figures(tracker, data_stats, summary["steps"])
+        return summary
     except Exception as err:
-        tracker.finish("FAILED")
+        stored = f"{plan.run_dir}/{Path(checkpoint.path).name}"
         detail = " ".join(str(err).split())[:300] or type(err).__name__
-        raise RunFailed(f"{name}: training finished but the end of the run failed: {detail}; the trained checkpoint "
-                        f"is {checkpoint}; evaluate it later with: lejepa eval {checkpoint} --data "
-                        f"{cfg.eval.data or cfg.data.source}") from err
-    except BaseException:
-        tracker.finish("KILLED")
-        raise
-    tracker.finish("FINISHED")
-    summary.update({"name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,
-                    "tracking_uri": tracking_uri, "wall_time_s": round(time.monotonic() - started, 1)})
-    return summary
+        data = plan.cfg.eval.data or plan.cfg.data.source
+        raise RunFailed(f"{plan.name}: training finished but the end of the run failed: {detail}; the trained "
+                        f"checkpoint is {stored}; evaluate it later with: lejepa eval {stored} --data {data}") from err
 
 
 def pretrain_from_cli(recipe: str | None, *, overrides: list[str], resume: str | None, address: str | None,
@@ -222,14 +209,6 @@ def pretrain_from_cli(recipe: str | None, *, overrides: list[str], resume: str |
     else:
         cfg = resolve_config(recipe, overrides)
     return pretrain(cfg, resume=resume, address=address, quiet=quiet)
-
-
-def _manifest_or_empty(source: str) -> dict[str, Any]:
-    """The shard manifest (local, builtin or URI); {} for sources without one (image folders, tars)."""
-    try:
-        return read_manifest(source)
-    except UserError:
-        return {}
 
 
 def _root_cause(err: BaseException) -> str:

@@ -27,7 +27,9 @@ from lejepa_platform.ray_env import init_ray
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.sweep.analysis import analyze_from_cli
 from lejepa_platform.tracking import SWEEP_TAG, MLflowTracker, find_run, resolve_tracking_uri, run_environment_tags, search_runs
-from lejepa_platform.run.launch import preflight, pretrain
+from lejepa_platform.data.pipeline import pin_ray_data_actors
+from lejepa_platform.run.launch import pretrain
+from lejepa_platform.run.plan import prepare
 from lejepa_platform.run.storage import absolute_storage, read_run_record, run_exists, write_run_record
 
 SWEEP_RECORD = "lejepa_sweep"
@@ -97,51 +99,23 @@ def _run_trial(params: dict[str, Any], *, base: dict, sweep_name: str, parent_ru
 
 def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the trials and the analysis summary."""
-    preflight(scfg.base)
+    prepare(scfg.base)  # the base's backbone and data, checked once before any trial
     check_space(scfg)
     storage = absolute_storage(scfg.base.train.storage_path)
-    exists = run_exists(storage, scfg.name)
-    if exists and not resume:
-        raise UserError(f"a sweep named {scfg.name!r} already exists under {storage}; pass --resume or set sweep.name")
-    if resume and not exists:
-        raise UserError(f"no sweep named {scfg.name!r} under {storage} to resume")
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        cpus = os.cpu_count() or 1
-        init_ray(address, num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=True,
-                 dashboard_host="127.0.0.1")
-    total = ray.cluster_resources()
-    if total.get(TRIAL_RESOURCE, 0) < 1:
-        raise UserError(f"the Ray cluster has no {TRIAL_RESOURCE!r} resource for trial drivers; start it with "
-                        f"--resources='{{\"{TRIAL_RESOURCE}\": 8}}' on the head node (cluster.yaml does)")
+    _check_name(scfg.name, storage, resume)
+    total = _connect(address)
+    pin_ray_data_actors()  # before any trial: a trial's driver may run on a worker node
     max_concurrent = concurrency(scfg, total.get("CPU", 0.0), total.get("GPU", 0.0))
-
     tracking_uri = resolve_tracking_uri(scfg.base.track.uri)
     experiment = scfg.base.track.experiment
     parent = _open_parent_run(scfg, tracking_uri, experiment, resume, storage)
     say(quiet, f"sweep {scfg.name}: parent MLflow run {parent.run_id} at {tracking_uri}; "
                 f"up to {max_concurrent} trials at a time")
-
     trainable = tune.with_resources(
         functools.partial(_run_trial, base=to_dict(scfg.base), sweep_name=scfg.name,
                           parent_run_id=parent.run_id, tracking_uri=tracking_uri),
         {TRIAL_RESOURCE: 1})
-    if resume:
-        tuner = tune.Tuner.restore(f"{storage}/{scfg.name}", trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        # max_t above the number of reports a trial can make: ASHA stops a trial that reaches
-        # max_t, which would cut a healthy trial off before its evaluation and artifacts.
-        scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=scfg.grace_reports,
-                                                   reduction_factor=scfg.reduction_factor,
-                                                   max_t=scfg.base.train.steps + 1)
-                     if scfg.scheduler == "asha" else tune.schedulers.FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(scfg.space),
-            tune_config=tune.TuneConfig(num_samples=scfg.num_samples, scheduler=scheduler, metric=scfg.metric,
-                                        mode=scfg.mode, max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=scfg.name, storage_path=storage, verbose=0 if quiet else 1))
-    grid = tuner.fit()
+    grid = _tuner(scfg, trainable, storage=storage, max_concurrent=max_concurrent, resume=resume, quiet=quiet).fit()
 
     children = search_runs(tracking_uri, experiment, parent_run_id=parent.run_id)
     _close_stopped_children(tracking_uri, experiment, children)
@@ -154,12 +128,51 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
     except UserError as err:
         analysis = {"skipped": str(err)}
     parent.finish("FINISHED")
-    errors = [t for t in trials if t["status"] == "ERROR"]
-    summary = {"sweep": scfg.name, "parent_run_id": parent.run_id, "tracking_uri": tracking_uri,
-               "trials": trials, "analysis": analysis}
-    if errors and len(errors) == len(trials):
+    if trials and all(t["status"] == "ERROR" for t in trials):
         raise RunFailed(f"sweep {scfg.name}: all {len(trials)} trials failed; see {storage}/{scfg.name}")
-    return summary
+    return {"sweep": scfg.name, "parent_run_id": parent.run_id, "tracking_uri": tracking_uri, "trials": trials,
+            "analysis": analysis}
+
+
+def _check_name(name: str, storage: str, resume: bool) -> None:
+    exists = run_exists(storage, name)
+    if exists and not resume:
+        raise UserError(f"a sweep named {name!r} already exists under {storage}; pass --resume or set sweep.name")
+    if resume and not exists:
+        raise UserError(f"no sweep named {name!r} under {storage} to resume")
+
+
+def _connect(address: str | None) -> dict[str, float]:
+    """Join `address` / RAY_ADDRESS or start a local cluster with a trial-driver slot per CPU; the
+    cluster's resources, which must include TRIAL_RESOURCE."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        cpus = os.cpu_count() or 1
+        init_ray(address, num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=True,
+                 dashboard_host="127.0.0.1")
+    total = ray.cluster_resources()
+    if total.get(TRIAL_RESOURCE, 0) < 1:
+        raise UserError(f"the Ray cluster has no {TRIAL_RESOURCE!r} resource for trial drivers; start it with "
+                        f"--resources='{{\"{TRIAL_RESOURCE}\": 8}}' on the head node (cluster.yaml does)")
+    return total
+
+
+def _tuner(scfg: SweepConfig, trainable: Any, *, storage: str, max_concurrent: int, resume: bool,
+           quiet: bool) -> tune.Tuner:
+    """The sweep's Tuner: restored from its storage when resuming, else a new one."""
+    if resume:
+        return tune.Tuner.restore(f"{storage}/{scfg.name}", trainable, resume_unfinished=True, resume_errored=True)
+    # max_t above the number of reports a trial can make: ASHA stops a trial that reaches
+    # max_t, which would cut a healthy trial off before its evaluation and artifacts.
+    scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=scfg.grace_reports,
+                                               reduction_factor=scfg.reduction_factor,
+                                               max_t=scfg.base.train.steps + 1)
+                 if scfg.scheduler == "asha" else tune.schedulers.FIFOScheduler())
+    return tune.Tuner(
+        trainable, param_space=param_space(scfg.space),
+        tune_config=tune.TuneConfig(num_samples=scfg.num_samples, scheduler=scheduler, metric=scfg.metric,
+                                    mode=scfg.mode, max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name=scfg.name, storage_path=storage, verbose=0 if quiet else 1))
 
 
 def sweep_from_cli(recipe: str, *, overrides: list[str], resume: bool, address: str | None, quiet: bool) -> dict:

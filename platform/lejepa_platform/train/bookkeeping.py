@@ -1,6 +1,6 @@
 """What the worker loop keeps besides the step: the run's pace (schedule, time budget, stop
-requests, agreed across ranks at logging steps), metric rows written exactly once, and the audit
-log of record ids.
+requests, agreed across ranks at logging steps), metric rows written exactly once, the rank's
+progress (steps, data position, throughput window) and the audit log of record ids.
 
 No step waits on the device or on other ranks for bookkeeping: ranks agree once per logging step
 (one small all-reduce, where the step's metrics are read anyway) on the training time, the time per
@@ -21,6 +21,7 @@ import torch
 import torch.distributed
 
 from lejepa_platform.config import RunConfig
+from lejepa_platform.data.stream import StreamPosition
 from lejepa_platform.tracking import Tracker
 from lejepa_platform.train.step import schedule_position
 
@@ -71,7 +72,7 @@ class Pace:
     """The run's training time (this loop's wall time from its first step plus what earlier
     attempts spent) and the plan of each step.
 
-    At the first step and after every logging step the ranks agree (maximum over ranks) on the
+    At the first two steps and after every logging step the ranks agree (maximum over ranks) on the
     training time, the mean time per step since the last agreement and the stop request. Until
     the next agreement, step s is planned as if it started at the agreed time plus (s - s0) agreed
     step times: under train.time_budget_s the schedule advances by whichever is further along, and
@@ -88,6 +89,7 @@ class Pace:
         self._trained_s = trained_before_s
         self._step_s = 0.0
         self._stopping = False
+        self._agreements = 0
         self._agree_next = True
 
     def seconds(self) -> float:
@@ -98,12 +100,18 @@ class Pace:
         """The plan of optimizer step `step` (0-based), the same on every rank."""
         if self._agree_next:
             self._agree(step)
-        trained_s = self._trained_s + (step - self._agreed_step) * self._step_s
-        position, last = schedule_position(step, self._cfg, trained_s, self._step_s)
+        position, last = self._position(step)
+        if last and step != self._agreed_step and self._cfg.train.time_budget_s > 0:
+            self._agree(step)  # a predicted end of the budget is confirmed on fresh numbers
+            position, last = self._position(step)
         stopping = self._stopping and not last
         logging = last or stopping or is_logged(step + 1, self._cfg)
-        self._agree_next = logging
+        self._agree_next = logging or self._agreements < 2  # no step timed yet: agree again after this one
         return StepPlan(position, last, stopping, logging)
+
+    def _position(self, step: int) -> tuple[float, bool]:
+        trained_s = self._trained_s + (step - self._agreed_step) * self._step_s
+        return schedule_position(step, self._cfg, trained_s, self._step_s)
 
     def _agree(self, step: int) -> None:
         now = time.perf_counter()
@@ -120,6 +128,7 @@ class Pace:
             self._origin = time.perf_counter() - values[0]
         self._trained_s, self._step_s, self._stopping = values[0], values[1], values[2] > 0
         self._agreed_step, self._agreed_at = step, time.perf_counter()
+        self._agreements += 1
 
 
 class MetricRows:
@@ -171,3 +180,27 @@ class IdLog:
         line = {"step": step, "uid": batch["uid"].tolist(), "epoch": (batch["item"] // self._windows).tolist()}
         with self._path.open("a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+class Progress:
+    """Where the rank stands: optimizer steps done, its data position (the row after the last one it
+    trained on), the id log, and the steps of the current throughput window."""
+
+    def __init__(self, step: int, position: StreamPosition, ids: IdLog) -> None:
+        self.step, self.position, self._ids = step, position, ids
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def advance(self, batch: dict[str, Any]) -> None:
+        """Account for one trained batch (host-side columns only: no device read)."""
+        self.step += 1
+        self._window_steps += 1
+        self.position = self.position.after(batch["item"][-1], batch["row"][-1])
+        self._ids.write(self.step, batch)
+
+    def images_per_s(self, images_per_step: int) -> float:
+        """Images per second over the window, which starts again now: reporting and checkpointing
+        count in the next window."""
+        now = time.perf_counter()
+        rate = self._window_steps * images_per_step / max(now - self._window_start, 1e-9)
+        self._window_start, self._window_steps = now, 0
+        return rate

@@ -1,117 +1,112 @@
-"""The Ray Train worker loop: one function run by every rank.
+"""The Ray Train worker loop: one function run by every rank, reading like the method.
 
-Rank is read once here and decides only two things: which tracker the rank gets (MLflow on rank
-0, a null tracker elsewhere) and who writes the checkpoint files. Every rank calls
-`ray.train.report` at the same steps, as Ray Train requires.
-
-The loop body is the step and its bookkeeping (train/bookkeeping.py): `Pace` plans each step
-(learning-rate position, last step under steps or time budget, stop requests) from numbers the
-ranks agree on at logging steps; `MetricRows` writes each metric step exactly once across restarts;
-`IdLog` audits the data order. Between logging steps nothing reads the device: a non-finite loss is
-recorded by `FiniteCheck` and raised at the next logging step, before any checkpoint, naming the
-first bad step.
+Set up (model, optimizer, the restored checkpoint, the rank's stream from its data position), then
+for each batch: plan the step (`Pace`), take it (`train_step`), account for it (`Progress`), and on
+logging steps report (`Reports`: metrics once per step, collapse alarm, checkpoints). Between
+logging steps nothing reads the device: a non-finite loss is recorded by `FiniteCheck` and raised
+at the next logging step, before any checkpoint, naming the first bad step.
 
 Exact data resume: each rank streams its own part of the run's order (`pipeline.rank_batches`) and
 tracks its position from the rows it consumed; every checkpoint carries all ranks' positions, so a
 restart continues at the next unconsumed row of each rank. A stop request from the driver
-(SIGTERM, Ctrl-C: run/stop.py) makes every rank checkpoint after the next step planned and return.
+(SIGTERM, Ctrl-C: run/stop.py) makes every rank checkpoint after the next planned step and return.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import tempfile
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed
 
-from lejepa_platform.console import warn
-from lejepa_platform.config import RunConfig, augment_placement, per_worker_batch_size, warmup_steps
-from lejepa_platform.overrides import from_dict
-from lejepa_platform.data.pipeline import rank_batches
+from lejepa_platform.config import RunConfig, augment_placement, per_worker_batch_size
+from lejepa_platform.data.pipeline import DataStats, rank_batches
+from lejepa_platform.data.reader import Plan
 from lejepa_platform.data.stream import StreamPosition
-from lejepa_platform.eval.geometry import CollapseAlarm
-from lejepa_platform.tracking import MLflowTracker, NullTracker, Tracker
-from lejepa_platform.train.bookkeeping import IdLog, MetricRows, Pace, StopRequests
-from lejepa_platform.train.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from lejepa_platform.train.bookkeeping import IdLog, Pace, Progress, StopRequests
+from lejepa_platform.train.checkpoint import TrainState, load_checkpoint, restore_rng
+from lejepa_platform.train.reports import Reports, snapshot
 from lejepa_platform.train.step import FiniteCheck, Pretrainer, make_optimizer, train_step
 
 RECORD_IDS_ENV = "LEJEPA_RECORD_IDS"
 """Set on the driver to a directory: every rank writes the record ids of each step there (`IdLog`)."""
-COLLAPSE_SIGREG_PER_IMAGE = 0.1
-"""Collapse alarm threshold on SIGReg, per image of the global batch: the statistic grows like
-N x distance; a Gaussian sits near 1 whatever N, a rank-1 embedding near 0.17 N, all-zeros 0.40 N."""
+PLAN_KEY = "plan"
+"""The one key of the train_loop_config TorchTrainer hands every worker: a `WorkerPlan`."""
 
 
-def worker_loop(loop_config: dict[str, Any]) -> None:
-    """Entry point given to TorchTrainer; `loop_config` is built by `launch.pretrain`."""
-    cfg = from_dict(RunConfig, loop_config["run"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+@dataclasses.dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a rank needs, built once by the driver (run/plan.py) and the same for every rank."""
+
+    cfg: RunConfig
+    data: Plan
+    """The training split of data.source, planned once (units, rows, class names)."""
+    num_classes: int
+    """Classes of the online probe (0: no probe)."""
+    epochs: int
+    """Epochs of the run's order the ranks' streams cover."""
+    windows_per_epoch: int
+    tracking_uri: str
+    mlflow_run_id: str | None
+    board: Any = None
+    """The progress board actor (metrics to the driver, stop requests from it)."""
+    data_stats: DataStats | None = None
+    ids_log: str | None = None
+    """A directory for the record ids of every step (`RECORD_IDS_ENV`), or None."""
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Entry point given to TorchTrainer: config[PLAN_KEY] is the run's `WorkerPlan`."""
+    plan: WorkerPlan = config[PLAN_KEY]
+    cfg = plan.cfg
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    model, optimizer, device = _set_up_model(plan)
+    state = _restore(model, optimizer, device)
+    bare = model.module if hasattr(model, "module") else model
+    reports = Reports(cfg, rank=rank, world=world, device=device, embed_dim=bare.encoder.embed_dim,
+                      tracking=(plan.tracking_uri, plan.mlflow_run_id), replay=state.pending_metrics)
+    if state.finished or state.step >= cfg.train.steps:
+        return
+    pace = Pace(cfg, trained_before_s=state.train_seconds, stop=StopRequests(plan.board, rank), world=world,
+                device=device)
+    progress = Progress(state.step, _own_position(state.positions, rank, world),
+                        IdLog.open(plan.ids_log, rank, plan.windows_per_epoch))
+    finite = FiniteCheck(device)
+    with contextlib.closing(_stream(plan, progress.position, rank, world, device)) as batches:
+        for batch in batches:
+            step = pace.plan(progress.step)
+            metrics = train_step(model, optimizer, batch, cfg=cfg, step=progress.step, device=device,
+                                 diagnostics=step.logging, position=step.position, finite=finite)
+            progress.advance(batch)
+            if step.logging:
+                finite.raise_if_nonfinite()  # before anything is reported or checkpointed
+                reports.report(metrics, step, progress, lr=optimizer.param_groups[0]["lr"],
+                               train_seconds=pace.seconds(),
+                               checkpoint=lambda: snapshot(bare, optimizer, step=progress.step,
+                                                           train_seconds=pace.seconds(), finished=step.last))
+            if step.ends:
+                return
+    raise RuntimeError(f"the training data stream ended at step {progress.step} of {cfg.train.steps}")
+
+
+def _set_up_model(plan: WorkerPlan) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.device]:
+    """The Pretrainer on this rank's device (DDP-wrapped when world > 1), its optimizer, the device."""
+    cfg = plan.cfg
     torch.set_num_threads(cfg.train.torch_threads or math.ceil(cfg.train.cpus_per_worker))
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
-    model = ray.train.torch.prepare_model(Pretrainer(cfg, loop_config["num_classes"], device=device))  # DDP if world > 1
+    model = ray.train.torch.prepare_model(Pretrainer(cfg, plan.num_classes, device=device))
     bare = model.module if hasattr(model, "module") else model
-    optimizer = make_optimizer(bare, cfg)
-    state = _restore(bare, optimizer, device)
-    tracker: Tracker = (MLflowTracker.start(loop_config["tracking_uri"], cfg.track.experiment,
-                                            run_id=loop_config["mlflow_run_id"])
-                        if rank == 0 and loop_config.get("mlflow_run_id") else NullTracker())
-    rows = MetricRows(tracker, state.pending_metrics)  # a restart first writes what its checkpoint holds
-    if state.finished or state.step >= cfg.train.steps:
-        return
-    pace = Pace(cfg, trained_before_s=state.train_seconds, stop=StopRequests(loop_config.get("board"), rank),
-                world=world, device=device)
-    ids_log = IdLog.open(loop_config.get("ids_log"), rank, loop_config["windows_per_epoch"])
-    alarm = CollapseAlarm(bare.encoder.embed_dim, sigreg_max=COLLAPSE_SIGREG_PER_IMAGE * cfg.data.batch_size)
-    finite = FiniteCheck(device)
-    step, position = state.step, _own_position(state.positions, rank, world)
-    per_worker = per_worker_batch_size(cfg)
-    batches = rank_batches(loop_config["plan"], cfg.data, seed=cfg.train.seed, epochs=loop_config["epochs"],
-                           batch_rows=per_worker, rank=rank, world=world, position=position,
-                           photometric=augment_placement(cfg) == "data", pin_memory=device.type == "cuda",
-                           stats=loop_config.get("data_stats"))
-    window_start, window_steps = time.perf_counter(), 0
-    with contextlib.closing(batches):
-        for batch in batches:
-            plan = pace.plan(step)
-            metrics = train_step(model, optimizer, batch, cfg=cfg, step=step, device=device,
-                                 diagnostics=plan.logging, position=plan.position, finite=finite)
-            step, window_steps = step + 1, window_steps + 1
-            position = position.after(batch["item"][-1], batch["row"][-1])
-            ids_log.write(step, batch)
-            if not plan.logging:
-                continue
-            finite.raise_if_nonfinite()  # before anything is reported or checkpointed
-            row = _mean_over_ranks(metrics, world)
-            row.update({"lr": optimizer.param_groups[0]["lr"], "train/seconds": pace.seconds(), "step": step,
-                        "throughput/images_per_s": window_steps * per_worker * world
-                        / max(time.perf_counter() - window_start, 1e-9)})
-            rows.add(row)
-            if step > warmup_steps(cfg):
-                _check_collapse(alarm, row, tracker)
-            if step % cfg.train.checkpoint_every == 0 or plan.ends:
-                snapshot = TrainState(model=bare.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                      rng=capture_rng(), pending_metrics=list(rows.pending),
-                                      train_seconds=pace.seconds(), finished=plan.last,
-                                      positions=_all_positions(position, rank, world, device))
-                _report_with_checkpoint(row, snapshot, cfg, rank)
-                rows.flush()
-            else:
-                ray.train.report(row)
-            if plan.ends:
-                return
-            window_start, window_steps = time.perf_counter(), 0  # reporting time counts in the next window
-    raise RuntimeError(f"the training data stream ended at step {step} of {cfg.train.steps}")
+    return model, make_optimizer(bare, cfg), device
 
 
-def _restore(model: Pretrainer, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainState:
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainState:
     """Load the latest checkpoint Ray Train hands this attempt into `model` and `optimizer` and return
     its state; a fresh state (step 0) when there is none."""
     checkpoint = ray.train.get_checkpoint()
@@ -119,10 +114,20 @@ def _restore(model: Pretrainer, optimizer: torch.optim.Optimizer, device: torch.
         return TrainState(model={}, optimizer={}, step=0, rng={})
     with checkpoint.as_directory() as directory:
         state, _ = load_checkpoint(directory, map_location=device)
-    model.load_state_dict(state.model)
+    (model.module if hasattr(model, "module") else model).load_state_dict(state.model)
     optimizer.load_state_dict(state.optimizer)
     restore_rng(state.rng)
     return state
+
+
+def _stream(plan: WorkerPlan, position: StreamPosition, rank: int, world: int,
+            device: torch.device) -> Iterator[dict[str, Any]]:
+    """The rank's batches from `position` on (pinned for a GPU)."""
+    cfg = plan.cfg
+    return rank_batches(plan.data, cfg.data, seed=cfg.train.seed, epochs=plan.epochs,
+                        batch_rows=per_worker_batch_size(cfg), rank=rank, world=world, position=position,
+                        photometric=augment_placement(cfg) == "data", pin_memory=device.type == "cuda",
+                        stats=plan.data_stats)
 
 
 def _own_position(positions: list[tuple[int, int]], rank: int, world: int) -> StreamPosition:
@@ -133,41 +138,3 @@ def _own_position(positions: list[tuple[int, int]], rank: int, world: int) -> St
         raise RuntimeError(f"the checkpoint holds data positions of {len(positions)} ranks, this run has {world}: "
                            f"resume with train.workers = {len(positions)}")
     return StreamPosition(*positions[rank])
-
-
-def _all_positions(position: StreamPosition, rank: int, world: int, device: torch.device) -> list[tuple[int, int]]:
-    """Every rank's position, gathered on each rank (rank 0 writes them into the checkpoint)."""
-    if world == 1:
-        return [(position.item, position.row)]
-    table = torch.zeros((world, 2), dtype=torch.int64, device=device)
-    table[rank] = torch.tensor([position.item, position.row], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(table)
-    return [(int(i), int(r)) for i, r in table.tolist()]
-
-
-def _check_collapse(alarm: CollapseAlarm, row: dict[str, float], tracker: Tracker) -> None:
-    """Warn once (worker log + an MLflow tag) when SIGReg or the effective rank says collapse."""
-    message = alarm.update(int(row["step"]), row["loss/sigreg"], row["embed/effective_rank"])
-    if message:
-        warn(message)
-        tracker.set_tags({"lejepa.collapse_alarm": message})
-
-
-def _report_with_checkpoint(row: dict[str, float], state: TrainState, cfg: RunConfig, rank: int) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (Ray persists it before returning)."""
-    if rank != 0:
-        ray.train.report(row)
-        return
-    with tempfile.TemporaryDirectory(prefix="lejepa-ckpt-") as tmp:
-        save_checkpoint(tmp, state, cfg)
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _mean_over_ranks(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:
-    """Logged values are global-batch values: per-rank terms (prediction, probe) averaged over ranks."""
-    keys = sorted(metrics)
-    values = torch.stack([metrics[k].detach().float() for k in keys])
-    if world > 1:
-        torch.distributed.all_reduce(values)
-        values /= world
-    return dict(zip(keys, values.tolist()))
