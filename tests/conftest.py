@@ -45,8 +45,9 @@ def cloud(ray_cluster, tmp_path_factory) -> SimpleNamespace:
     """A bucket behind a real S3 API, and MLflow servers that keep their artifacts in buckets.
 
     moto's S3 server on loopback holds the bucket `lejepa`; `server` is a real `mlflow server`
-    (SQLite store) proxying artifacts to s3://lejepa/mlflow as cluster.yaml runs it, started with
-    `server_env`. The S3 variables (`env`: endpoint, dummy credentials) are
+    (SQLite store) proxying artifacts to s3://lejepa/mlflow as cluster.yaml runs it, and `broken` one
+    whose artifact bucket does not exist (it may still be starting: `broken.wait_healthy()`). The S3
+    variables (`env`: endpoint, dummy credentials) are
     set in this process for the rest of the session, together with the defaults every `lejepa`
     process sets, and the session's Ray cluster is started again so that its workers have them too.
     `moto` is the S3 server (`moto.frozen()`: an outage), `s3` a boto3 client for it.
@@ -64,13 +65,15 @@ def cloud(ray_cluster, tmp_path_factory) -> SimpleNamespace:
         s3 = moto.client()
         s3.create_bucket(Bucket="lejepa")
         server_env = {**env, **NO_EGRESS}
+        broken = stack.enter_context(mlflow_server(root / "broken", wait=False, artifacts="s3://no-such-bucket/mlflow",
+                                                   env=server_env))
         server = stack.enter_context(mlflow_server(root / "mlflow", artifacts="s3://lejepa/mlflow", env=server_env))
         variables = stack.enter_context(pytest.MonkeyPatch.context())
         for key, value in {**PROCESS_DEFAULTS, **env}.items():
             variables.setenv(key, value)
         ray.shutdown()
         start_session_ray()
-        yield SimpleNamespace(moto=moto, s3=s3, env=env, server=server, server_env=server_env, root=root)
+        yield SimpleNamespace(moto=moto, s3=s3, env=env, server=server, broken=broken, root=root)
 
 
 @pytest.fixture(scope="session")

@@ -215,20 +215,31 @@ def _fail(message: str, code: int) -> int:
 @contextlib.contextmanager
 def _stdout_for_the_result_alone(enabled: bool) -> Iterator[None]:
     """While inside (with `enabled`), anything written to stdout goes to stderr: Python writes
-    through sys.stdout, and native code and child processes through file descriptor 1."""
+    through sys.stdout, and native code and child processes through file descriptor 1. A Ray
+    connection the command made is closed inside, so none of Ray's threads can print after it."""
     if not enabled:
         yield
         return
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
+    ray_before = _ray_connected()
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            yield
+            try:
+                yield
+            finally:
+                if _ray_connected() and not ray_before:  # Ray's threads print to stdout until it is shut down
+                    sys.modules["ray"].shutdown()
     finally:
         sys.stderr.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _ray_connected() -> bool:
+    """Whether this process is connected to Ray (without importing it for commands that never do)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 if __name__ == "__main__":

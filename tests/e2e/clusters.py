@@ -331,7 +331,8 @@ try:
     result = pretrain(from_dict(RunConfig, args["config"]), resume=args["resume"], address=args["address"], quiet=True)
 except RunFailed as err:
     result = {"failed": str(err)}
-print(json.dumps(result, default=str))
+with open(args["out"], "w") as out:  # not stdout: Ray's threads print there too
+    out.write(json.dumps(result, default=str))
 """
 
 
@@ -339,16 +340,18 @@ def pretrain_on(cluster: RayCluster, cfg: RunConfig, cwd: Path, *, resume: str |
                 timeout_s: float = 240) -> dict[str, Any]:
     """Run `pretrain(cfg, resume=..., address=cluster)` in a driver process on this machine (the head).
 
-    Returns the run's summary, or {"failed": message} when it raised RunFailed. The driver's
-    stderr is kept in `cwd`/driver.log.
+    Returns the run's summary, or {"failed": message} when it raised RunFailed. What the driver
+    prints is kept in `cwd`/driver.log.
     """
-    payload = {"address": cluster.address, "config": to_dict(cfg), "resume": resume}
+    result = cwd / "driver-result.json"
+    result.unlink(missing_ok=True)
+    payload = {"address": cluster.address, "config": to_dict(cfg), "resume": resume, "out": str(result)}
     with open(cwd / "driver.log", "a") as log:
         out = subprocess.run([sys.executable, "-c", _PRETRAIN, json.dumps(payload)], env=cluster.driver_env(),
-                             cwd=cwd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout_s)
+                             cwd=cwd, stdout=log, stderr=log, text=True, timeout=timeout_s)
     if out.returncode != 0:
         raise RuntimeError(f"the driver exited with {out.returncode}:\n{(cwd / 'driver.log').read_text()[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(result.read_text())
 
 
 TRAIN_WORKER_TITLE = b"ray::RayTrainWorker"

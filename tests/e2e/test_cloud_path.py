@@ -3,9 +3,10 @@ a real MLflow server that proxies its artifacts to the bucket (as cluster.yaml r
 
 One journey, shared by the tests below: `lejepa shards build` to s3://, `lejepa pretrain` reading
 them with its checkpoints in the bucket and a tracking URI that carries a token, SIGTERM after the
-first checkpoint, `lejepa pretrain --resume`, then `lejepa eval RUN --data s3://...`. Every command
-runs in this process (the session's Ray cluster, started with the S3 variables by the `cloud`
-fixture), and its stdout and stderr are kept as the file descriptors saw them.
+first checkpoint, `lejepa pretrain --resume` (during which the MLflow server is killed and started
+again on the same port: an outage of the head's server), then `lejepa eval RUN --data s3://...`.
+Every command runs in this process (the session's Ray cluster, started with the S3 variables by
+the `cloud` fixture), and its stdout and stderr are kept as the file descriptors saw them.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from clusters import DUMMY_SECRET, mlflow_server
+from clusters import DUMMY_SECRET
 from lejepa_platform import cli
 from lejepa_platform.data.shards import resolve_source
+from lejepa_platform.run.evaluate import load_target
 from lejepa_platform.run.storage import local_checkpoint
 from lejepa_platform.tracking import find_run
-from lejepa_platform.train.checkpoint import load_checkpoint
+from lejepa_platform.train.checkpoint import encoder_state, load_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +46,7 @@ SHARDS = f"s3://{BUCKET}/shards/fm"
 RUNS = f"s3://{BUCKET}/runs"
 TOKEN = "tracking-token-5e1f0c"
 """A password in the tracking URI: it must never be written anywhere."""
-STEPS, EVERY = 30, 5
+STEPS, EVERY = 20, 5
 
 TINY = ['model.backbone_kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}',
         "model.proj_hidden_dim=64", "model.proj_dim=16", "loss.num_slices=64", "data.global_views=2",
@@ -147,20 +150,71 @@ def shards_built(cloud, tmp_path_factory) -> Outcome:
     return lejepa("shards", "build", str(tmp / "d.npz"), SHARDS, "--rows-per-shard", "64", "--json")
 
 
+def run_id_of(s3, name: str) -> str | None:
+    """The MLflow run id in a run's record in the bucket (None before the run has one)."""
+    try:
+        record = s3.get_object(Bucket=BUCKET, Key=f"runs/{name}/lejepa_run.json")["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return None
+    return json.loads(record)["mlflow_run_id"]
+
+
+def server_outage(cloud, name: str, *, after_step: int, back: bool) -> dict[str, int]:
+    """Kill the MLflow server once it holds a row of run `name` past `after_step`; with `back`, start it
+    again on the same port once a checkpoint newer than the last one at the kill is registered (so
+    training went on without the server). Returns, as they happen, the checkpoint steps at the kill
+    ("down_after") and at the restart ("trained_while_down")."""
+    seen: dict[str, int] = {}
+
+    def holds_a_row() -> bool:  # asked of MLflow alone: the bucket may be in an outage of its own
+        runs = MlflowClient(cloud.server.uri).search_runs(
+            [e.experiment_id for e in MlflowClient(cloud.server.uri).search_experiments()],
+            filter_string=f"attributes.run_name = '{name}'")
+        return bool(runs) and max(logged(cloud.server.uri, runs[0].info.run_id), default=0) > after_step
+
+    def outage() -> None:
+        cloud.server.kill()
+        seen["down_after"] = max(registered_steps(cloud.s3, name), default=0)
+        if not back:
+            return
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and max(registered_steps(cloud.s3, name), default=0) <= seen["down_after"]:
+            time.sleep(0.1)
+        seen["trained_while_down"] = max(registered_steps(cloud.s3, name), default=0)
+        cloud.server.start()
+
+    when(holds_a_row, outage)
+    return seen
+
+
+@contextlib.contextmanager
+def server_back_afterwards(server):
+    """Whatever happens inside, the shared MLflow server answers again afterwards."""
+    try:
+        yield
+    finally:
+        if server.process.poll() is not None:
+            server.start()
+        server.wait_healthy()
+
+
 @pytest.fixture(scope="module")
 def journey(cloud, shards_built, tmp_path_factory) -> dict:
-    """The pretraining stopped by SIGTERM after its first checkpoint, resumed, then evaluated."""
+    """The pretraining stopped by SIGTERM after its first checkpoint, resumed through an MLflow
+    server restart, then evaluated."""
     assert shards_built.code == 0, shards_built.err
     uri = tracking_uri(cloud.server, TOKEN)
-    with contextlib.chdir(tmp_path_factory.mktemp("cloud-cwd")):  # lejepa eval writes its report here
+    with contextlib.chdir(tmp_path_factory.mktemp("cloud-cwd")), server_back_afterwards(cloud.server):
         stopper = when(lambda: registered_steps(cloud.s3, "journey"), lambda: os.kill(os.getpid(), signal.SIGTERM))
         stopped = lejepa("pretrain", "--json", *sets("train.name=journey", f"track.uri={uri}"))
         stopper.join(timeout=5)
+        stopped_at = max(logged(cloud.server.uri, run_id_of(cloud.s3, "journey")), default=0)
+        outage = server_outage(cloud, "journey", after_step=stopped_at, back=True)
         resumed = lejepa("pretrain", "--json", "--resume", "journey", f"--set=train.storage_path={RUNS}",
                          f"--set=track.uri={uri}")
         run_id = one_document(resumed)["mlflow_run_id"]
         evaluated = lejepa("eval", run_id, "--data", SHARDS, "--protocol", "knn", "--tracking-uri", uri, "--json")
-    return {"stopped": stopped, "resumed": resumed, "evaluated": evaluated, "run_id": run_id,
+    return {"stopped": stopped, "resumed": resumed, "evaluated": evaluated, "run_id": run_id, "outage": outage,
             "commands": [shards_built, stopped, resumed, evaluated]}
 
 
@@ -183,6 +237,16 @@ def test_sigterm_then_resume_ends_at_exactly_train_steps_with_every_step_once(cl
         assert logged(cloud.server.uri, journey["run_id"], key) == list(range(1, STEPS + 1)), key
 
 
+def test_mlflow_server_killed_mid_run_and_restarted_loses_and_repeats_nothing(cloud, journey):
+    """Killed during the resumed run once it had sent a row, started again on the same port once a
+    newer checkpoint was registered: training went on meanwhile, and every step is in MLflow once."""
+    outage = journey["outage"]
+    assert outage["trained_while_down"] > outage["down_after"]
+    assert find_run(cloud.server.uri, journey["run_id"])["status"] == "FINISHED"
+    for key in ("loss/total", "probe/online_acc"):
+        assert logged(cloud.server.uri, journey["run_id"], key) == list(range(1, STEPS + 1)), key
+
+
 def test_checkpoints_live_in_the_bucket_and_load_from_it(cloud, journey):
     steps = registered_steps(cloud.s3, "journey")
     assert steps == [STEPS - EVERY, STEPS]  # keep_checkpoints = 2
@@ -192,6 +256,9 @@ def test_checkpoints_live_in_the_bucket_and_load_from_it(cloud, journey):
     with local_checkpoint(f"{RUNS}/journey") as directory:  # the latest, fetched from the bucket
         state, cfg = load_checkpoint(directory)
     assert (state.step, state.finished, cfg.data.source) == (STEPS, True, SHARDS)
+    evaluated_cfg, weights, run_id = load_target(f"{RUNS}/journey", cloud.server.uri)  # `lejepa eval s3://...`
+    assert run_id is None and evaluated_cfg.model == cfg.model
+    assert all(torch.equal(weights[k], v) for k, v in encoder_state(state.model).items())
 
 
 def test_backbone_and_plots_reach_the_bucket_through_the_server(cloud, journey):
@@ -246,13 +313,14 @@ def test_no_secret_is_written_anywhere(cloud, journey, tmp_path):
     assert record["tracking_uri"] == tracking_uri(cloud.server, "***")
 
 
-def test_a_server_that_cannot_store_artifacts_is_one_line_and_a_failed_run(cloud, shards_built, tmp_path):
+def test_a_server_that_cannot_store_artifacts_is_one_line_and_a_failed_run(cloud, shards_built):
     """The server answers HTTP 500 for every artifact (its bucket does not exist): one line names the
     server and the cause, the run is FAILED in MLflow, and nothing under its name is left in storage."""
-    with mlflow_server(tmp_path, artifacts="s3://no-such-bucket/mlflow", env=cloud.server_env) as broken:
-        outcome = lejepa("pretrain", "--json", *sets("train.name=no-artifacts", f"track.uri={broken.uri}"))
-        client = MlflowClient(broken.uri)
-        runs = client.search_runs([client.get_experiment_by_name("cloud").experiment_id])
+    broken = cloud.broken
+    broken.wait_healthy()
+    outcome = lejepa("pretrain", "--json", *sets("train.name=no-artifacts", f"track.uri={broken.uri}"))
+    client = MlflowClient(broken.uri)
+    runs = client.search_runs([client.get_experiment_by_name("cloud").experiment_id])
     assert outcome.code == 1 and outcome.out == "" and "Traceback" not in outcome.err
     lines = [line for line in outcome.err.splitlines() if line.startswith("lejepa:")]
     assert len(lines) == 1 and lines[0].startswith(f"lejepa: error: MLflow store {broken.uri} could not store")
@@ -265,21 +333,22 @@ def test_sweep_with_its_storage_in_the_bucket_records_its_trials(cloud, shards_b
     monkeypatch.chdir(tmp_path)
     tiny = ['model.backbone_kwargs={"img_size": 16, "patch_size": 8, "depth": 1}', "model.proj_hidden_dim=32",
             "model.proj_dim=16", "data.global_size=16", "data.batch_size=16", "data.shuffle_buffer=0",
-            "train.steps=4", "train.log_every=2", "train.checkpoint_every=4", "train.torch_threads=1",
-            "eval.enabled=false", f"data.source={SHARDS}", f"train.storage_path={RUNS}", f"track.uri={cloud.server.uri}",
-            "track.experiment=cloud-sweep"]
+            "train.steps=2", "train.log_every=1", "train.checkpoint_every=2", "train.torch_threads=1",
+            "eval.enabled=false", f"data.source={SHARDS}", f"train.storage_path={RUNS}",
+            f"track.uri={cloud.server.uri}", "track.experiment=cloud-sweep"]
     outcome = lejepa("sweep", str(ROOT / "sweeps" / "smoke.py"), "--json", *[f"--set=base.{o}" for o in tiny],
-                     '--set=sweep.space={"loss.lam": {"grid": [0.02, 0.1]}}')
+                     '--set=sweep.space={"loss.lam": {"grid": [0.02]}}')
     summary = one_document(outcome)
-    assert [t["status"] for t in summary["trials"]] == ["TERMINATED", "TERMINATED"]
+    assert [t["status"] for t in summary["trials"]] == ["TERMINATED"]
     children = MlflowClient(cloud.server.uri).search_runs(
         [MlflowClient(cloud.server.uri).get_experiment_by_name("cloud-sweep").experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
-    assert sorted((c.data.params["loss.lam"], c.info.status) for c in children) == [("0.02", "FINISHED"),
-                                                                                  ("0.1", "FINISHED")]
+    assert [(c.data.params["loss.lam"], c.info.status) for c in children] == [("0.02", "FINISHED")]
+    assert logged(cloud.server.uri, children[0].info.run_id) == [1, 2]
     keys = keys_under(cloud.s3, "runs/smoke")
     assert any(k.endswith("/lejepa_sweep/lejepa_run.json") for k in keys)  # the sweep's own record
-    assert sum(k.endswith("/state.pt") for k in keys) == 2  # one checkpoint per trial, in the bucket
+    assert any(k.startswith("runs/smoke/") and "experiment_state" in k for k in keys)  # Tune's, for --resume
+    assert sum(k.endswith("/state.pt") for k in keys) == 1  # the trial's checkpoint, in the bucket
     assert not Path("s3:").exists()  # nothing written to a local folder named after the URI
     analysis = {f.path for f in MlflowClient(cloud.server.uri).list_artifacts(summary["parent_run_id"], "analysis")}
     assert "analysis/report.md" in analysis

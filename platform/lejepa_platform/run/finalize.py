@@ -1,9 +1,10 @@
 """After training: attach the run's artifacts and evaluate the final backbone, on the driver.
 
 First the metric rows the workers could not send (a tracking server that was away: they are in the
-final checkpoint), once the server answers again within track.wait_s. Then artifacts, in this order so that a failure later still leaves the trained weights with the run:
-the final backbone as safetensors (loads into the same timm model), the loss curve (one panel per
-term), then the evaluation report with its spectrum and patch-PCA pictures. Metrics: frozen-feature
+final checkpoint), once the server answers again within track.wait_s. Then artifacts, in this
+order so that a failure later still leaves the trained weights with the run: the final backbone as
+safetensors (loads into the same timm model), the loss curve (one panel per term), then the
+evaluation report with its spectrum and patch-PCA pictures. Metrics: frozen-feature
 probes of the pretrained backbone next to the same backbone at random init and raw pixels when the
 evaluation data has labels, the label-free geometry of both backbones always, parameter count and
 a FLOPs estimate for scaling analysis.

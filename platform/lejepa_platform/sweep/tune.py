@@ -28,8 +28,8 @@ from lejepa_platform.recipes import load_recipe
 from lejepa_platform.sweep.analysis import analyze_from_cli
 from lejepa_platform.tracking import SWEEP_TAG, MLflowTracker, find_run, resolve_tracking_uri, run_environment_tags, search_runs
 from lejepa_platform.run.launch import preflight, pretrain
-from lejepa_platform.run.storage import (absolute_storage, is_remote, read_run_record, recorded_tracking_uri, run_exists,
-                                         write_run_record)
+from lejepa_platform.run.storage import (absolute_storage, is_remote, read_run_record, recorded_tracking_uri,
+                                         run_exists, write_run_record)
 
 SWEEP_RECORD = "lejepa_sweep"
 TRIAL_RESOURCE = "trial_driver"

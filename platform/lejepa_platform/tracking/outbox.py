@@ -33,8 +33,9 @@ STAMP = "time_ms"
 """Key of a row's stamp: milliseconds since the epoch when the row was made."""
 RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0)
 """Pauses between sending attempts while the store does not answer (the last one repeats)."""
-CLOSE_WAIT_S = 10.0
-"""How long closing waits for rows still on their way (the checkpoint keeps them either way)."""
+CLOSE_WAIT_S = 5.0
+"""How long closing waits for rows still on their way (the final checkpoint keeps them either way,
+and the driver sends them again)."""
 
 
 def stamped(row: dict[str, float]) -> dict[str, float]:

@@ -108,7 +108,7 @@ class _Client:
             except Exception as err:
                 if not _is_failure(err):
                     raise
-                raise TrackingError(failure_message(self._uri, name, err)) from None
+                raise TrackingError(_failure_message(self._uri, name, err)) from None
 
         return call
 
@@ -127,15 +127,15 @@ def _is_failure(err: Exception) -> bool:
     return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "boto3")
 
 
-def failure_message(uri: str, method: str, err: Exception) -> str:
+def _failure_message(uri: str, method: str, err: Exception) -> str:
     """One line: which store, what it could not do, and why."""
     action = _ACTIONS.get(method, method.replace("_", " "))
-    cause = describe_failure(err)
+    cause = _describe_failure(err)
     hint = f"; {_ARTIFACT_HINT}" if "artifact" in method and re.search(r"HTTP 5\d\d", cause) else ""
     return f"MLflow store {redact_uri(uri)} could not {action}: {cause}{hint}"
 
 
-def describe_failure(err: BaseException) -> str:
+def _describe_failure(err: BaseException) -> str:
     """The cause of a failed store call in a few words (MLflow's own message is a page of URLs)."""
     text = " ".join(str(err).split())
     status = re.search(r"too many (\d{3}) error responses", text)
@@ -166,7 +166,7 @@ def wait_for_server(uri: str, wait_s: float) -> None:
                 return
             cause = f"HTTP {status}"
         except requests.RequestException as err:
-            cause = describe_failure(err)
+            cause = _describe_failure(err)
         left = deadline - time.monotonic()
         if left <= 0:
             raise TrackingError(f"MLflow server {redact_uri(uri)} did not answer for {wait_s:g} s: {cause}")

@@ -118,8 +118,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         window_start, window_steps = time.perf_counter(), 0  # reporting time counts in the next window
         if step % cfg.train.checkpoint_every == 0 or finished or stopping:
             snapshot = TrainState(model=bare.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                  rng=capture_rng(), pending_metrics=outbox.undelivered(), train_seconds=clock.seconds(),
-                                  finished=finished, positions=_all_positions(position, rank, world, device))
+                                  rng=capture_rng(), pending_metrics=outbox.undelivered(),
+                                  train_seconds=clock.seconds(), finished=finished,
+                                  positions=_all_positions(position, rank, world, device))
             _report_with_checkpoint(row, snapshot, cfg, rank)
             outbox.release()
         else:
