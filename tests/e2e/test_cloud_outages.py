@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from clusters import NO_EGRESS, local_cluster, pretrain_on, stop_groups, train_worker_processes
+from clusters import NO_EGRESS, local_cluster, pretrain_on, run_on, stop_groups, train_worker_processes
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.overrides import apply_overrides
 from lejepa_platform.run.storage import local_checkpoint
@@ -102,6 +102,17 @@ def test_mlflow_server_that_never_returns_keeps_the_rows_for_resume(cloud, hiccu
         assert logged(cloud.server.uri, hiccups["run_id"], key) == list(range(1, 21)), key
 
 
+_HELPER_ACTORS = """
+import json
+from ray.util.state import list_actors, list_nodes
+head = next(n.node_id for n in list_nodes(filters=[("is_head_node", "=", True)]))
+actors = [a for a in list_actors(limit=1000) if a.class_name in ("ProgressBoard", "_Tally")]
+print(json.dumps({"head": head, "placed": [a.node_id for a in actors]}))
+"""
+"""The nodes of the driver's helper actors (a run's progress board and record tally): they ask for no
+CPU, so unless pinned they may land on the node that is removed and take the run down with them."""
+
+
 def test_worker_node_removed_mid_run_continues_on_the_remaining_node(cloud, shards_built, tmp_path):
     """A head without CPUs (as cluster.yaml's) and two 2-CPU worker nodes; the node running the
     Ray Train worker is stopped once a checkpoint is registered, and the run goes on on the other."""
@@ -128,8 +139,10 @@ def test_worker_node_removed_mid_run_continues_on_the_remaining_node(cloud, shar
         watcher.start()
         summary = pretrain_on(cluster, cfg, tmp_path)
         watcher.join(timeout=30)
+        helpers = run_on(cluster, _HELPER_ACTORS, None)
     assert removed, "no node was removed: the run ended before its first checkpoint was registered"
     assert summary.get("steps") == 12, summary
+    assert helpers["placed"] == [helpers["head"], helpers["head"]]  # the driver's helpers live on its node
     nodes = set(workers.values())
     assert len(nodes) == 2 and removed[0] in nodes  # the worker ran on the removed node, then on the other
     assert find_run(cloud.server.uri, summary["mlflow_run_id"])["status"] == "FINISHED"

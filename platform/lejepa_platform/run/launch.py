@@ -34,7 +34,7 @@ from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import RunFailed, RunStopped, TrackingError, UserError
 from lejepa_platform.run.evaluate import check_eval_data
 from lejepa_platform.model import check_backbone
-from lejepa_platform.ray_env import init_ray
+from lejepa_platform.ray_env import init_ray, on_this_node
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.tracking import MLflowTracker, resolve_tracking_uri, run_environment_tags
 from lejepa_platform.run.finalize import finalize_run
@@ -147,7 +147,7 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     say(quiet, f"run {name}: MLflow run {tracker.run_id} at {tracking_uri}")
     say(quiet, f"  view it: mlflow ui --backend-store-uri {tracking_uri}")
 
-    board = ProgressBoard.remote()
+    board = ProgressBoard.options(**on_this_node()).remote()
     data_stats = DataStats()
     trainer = TorchTrainer(
         worker_loop,
