@@ -12,16 +12,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from lejepa_platform.errors import ConfigError
 from lejepa_platform.overrides import check_key
 
-AUGMENT_ON = ("auto", "data", "device")
+ProjNorm = Literal["batchnorm", "layernorm", "none"]
+Split = Literal["train", "test", "all"]
+AugmentOn = Literal["auto", "data", "device"]
 """Where photometric view augmentation may run (DataConfig.augment_on)."""
-EVAL_FEATURES = ("embedding", "embedding+patch_mean")
+Precision = Literal["auto", "bf16", "fp32"]
+Protocol = Literal["linear", "knn", "fewshot"]
+EvalFeatures = Literal["embedding", "embedding+patch_mean"]
 """What frozen-feature probes can read (eval/features.py)."""
+SweepScheduler = Literal["fifo", "asha"]
+Mode = Literal["min", "max"]
+EVAL_FEATURES: tuple[str, ...] = typing.get_args(EvalFeatures)
 
 
 def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
@@ -29,9 +37,25 @@ def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{field} = {value!r} is not allowed: must be {allowed}")
 
 
+def _check_choices(section: Any) -> None:
+    """Every field of `section` typed as a Literal (or a tuple of one) holds one of its values: the one
+    check of the config's string choices, whether the section came from a recipe, --set or a stored dict."""
+    for name, hint in typing.get_type_hints(type(section)).items():
+        value = getattr(section, name)
+        if typing.get_origin(hint) is tuple and typing.get_origin(typing.get_args(hint)[0]) is Literal:
+            allowed = typing.get_args(typing.get_args(hint)[0])
+            _require(len(value) > 0 and all(v in allowed for v in value), f"{section.SECTION}.{name}",
+                     f"a non-empty list drawn from {', '.join(allowed)}", value)
+        elif typing.get_origin(hint) is Literal:
+            allowed = typing.get_args(hint)
+            _require(value in allowed, f"{section.SECTION}.{name}", f"one of {', '.join(allowed)}", value)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Encoder: a timm backbone (random init) followed by a projector MLP."""
+
+    SECTION: ClassVar[str] = "model"
 
     backbone: str = "vit_tiny_patch16_224"
     """timm model name, created with pretrained=False and num_classes=0."""
@@ -43,21 +67,22 @@ class ModelConfig:
     """Number of linear layers in the projector (>= 1)."""
     proj_dim: int = 64
     """Output dimension of the projector: what SIGReg and the prediction term see."""
-    proj_norm: str = "batchnorm"
+    proj_norm: ProjNorm = "batchnorm"
     """Normalisation between projector layers: batchnorm (statistics over the global batch), layernorm or none."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         _require(bool(self.backbone), "model.backbone", "a timm model name", self.backbone)
         _require(self.proj_hidden_dim >= 1, "model.proj_hidden_dim", ">= 1", self.proj_hidden_dim)
         _require(self.proj_layers >= 1, "model.proj_layers", ">= 1", self.proj_layers)
         _require(self.proj_dim >= 1, "model.proj_dim", ">= 1", self.proj_dim)
-        _require(self.proj_norm in ("batchnorm", "layernorm", "none"), "model.proj_norm",
-                 "one of batchnorm, layernorm, none", self.proj_norm)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """The LeJEPA objective: (1 - lam) * prediction + lam * SIGReg."""
+
+    SECTION: ClassVar[str] = "loss"
 
     lam: float = 0.05
     """Weight of SIGReg, strictly between 0 and 1 (paper: 0.05; minimal example: 0.02)."""
@@ -79,9 +104,11 @@ class LossConfig:
 class DataConfig:
     """Image shards and the multi-crop views built from them by the data side."""
 
+    SECTION: ClassVar[str] = "data"
+
     source: str = "builtin:fashion-mnist-10k"
     """A shard directory (from `lejepa shards build`), an image folder, a WebDataset tar / folder of tars, or builtin:NAME."""
-    split: str = "train"
+    split: Split = "train"
     """Which part of the source to read: train, test (from the shard manifest's fixed split) or all."""
     global_views: int = 2
     """Number of global views per image (G)."""
@@ -115,7 +142,7 @@ class DataConfig:
     """Batches of views each rank's data tasks build ahead of its trainer: the data side works at the
     trainer's pace instead of spending CPU and object store on views a time-budgeted run never uses,
     and up to this many batches are built in parallel on the CPUs the trainers leave free."""
-    augment_on: str = "auto"
+    augment_on: AugmentOn = "auto"
     """Where the photometric half of the views (flip, colour jitter, grayscale, blur, solarize) runs:
     "data" (the data tasks, on CPU), "device" (the trainer, after the host-to-device copy; the data
     side only decodes and crops) or "auto" ("device" when train.use_gpu, else "data"). Both give the
@@ -124,8 +151,8 @@ class DataConfig:
     """Images whose header claims more pixels are skipped as decompression bombs."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         _require(bool(self.source), "data.source", "a path or builtin:NAME", self.source)
-        _require(self.split in ("train", "test", "all"), "data.split", "one of train, test, all", self.split)
         _require(self.global_views >= 1, "data.global_views", ">= 1", self.global_views)
         _require(self.local_views >= 0, "data.local_views", ">= 0", self.local_views)
         _require(self.global_size >= 8, "data.global_size", ">= 8 pixels", self.global_size)
@@ -139,7 +166,6 @@ class DataConfig:
         _require(self.batch_size >= 2, "data.batch_size", ">= 2", self.batch_size)
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
         _require(self.prefetch_batches >= 1, "data.prefetch_batches", ">= 1", self.prefetch_batches)
-        _require(self.augment_on in AUGMENT_ON, "data.augment_on", f"one of {', '.join(AUGMENT_ON)}", self.augment_on)
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", ">= 1", self.max_image_pixels)
 
     @property
@@ -150,6 +176,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, scale-out and fault tolerance of one pretraining run."""
+
+    SECTION: ClassVar[str] = "train"
 
     steps: int = 1000
     """Total optimizer steps of the run (with a time budget: at most this many)."""
@@ -172,7 +200,7 @@ class TrainConfig:
     """CPUs reserved per worker; leave some for the data tasks on small machines."""
     torch_threads: int = 0
     """torch intra-op threads per worker; 0 means the worker's CPU reservation, rounded up."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
     compile: bool = False
     """Compile the encoder with torch.compile (CPU needs a C compiler; the first steps pay for it)."""
@@ -196,6 +224,7 @@ class TrainConfig:
     """Run name under storage_path; empty picks a fresh timestamped one."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         _require(self.steps >= 1, "train.steps", ">= 1", self.steps)
         _require(self.lr > 0, "train.lr", "> 0", self.lr)
         _require(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
@@ -204,8 +233,6 @@ class TrainConfig:
         _require(self.workers >= 1, "train.workers", ">= 1", self.workers)
         _require(self.cpus_per_worker > 0, "train.cpus_per_worker", "> 0", self.cpus_per_worker)
         _require(self.torch_threads >= 0, "train.torch_threads", ">= 0", self.torch_threads)
-        _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
-                 "one of auto, bf16, fp32", self.precision)
         _require(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
@@ -217,6 +244,8 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class TrackConfig:
     """Where runs are recorded."""
+
+    SECTION: ClassVar[str] = "track"
 
     uri: str = ""
     """MLflow tracking URI; empty means MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
@@ -237,27 +266,25 @@ class EvalConfig:
     """Evaluation run after pretraining: frozen-feature probes when the data has labels, the
     label-free geometry (SIGReg, RankMe, spectrum) of pretrained vs random init always."""
 
+    SECTION: ClassVar[str] = "eval"
+
     enabled: bool = True
     """Evaluate the final backbone (and the same backbone at random init) after pretraining."""
-    protocols: tuple[str, ...] = ("linear", "knn")
+    protocols: tuple[Protocol, ...] = ("linear", "knn")
     """Protocols to run: any of linear, knn, fewshot."""
     eval_size: int = 0
     """Side in pixels of evaluation images; 0 means data.global_size."""
     data: str = ""
     """Labelled source the end-of-run evaluation probes on (any source the platform reads); empty
     means data.source. Its manifest's split is used, or a seeded one when it has none."""
-    features: str = "embedding+patch_mean"
+    features: EvalFeatures = "embedding+patch_mean"
     """What the probes read: "embedding" (the backbone's pooled output) or "embedding+patch_mean"
     (ViTs: that and the mean patch token, concatenated; other backbones: the embedding).
     eval/features.py says why."""
 
     def __post_init__(self) -> None:
-        allowed = ("linear", "knn", "fewshot")
-        bad = [p for p in self.protocols if p not in allowed]
-        _require(not bad and len(self.protocols) > 0, "eval.protocols",
-                 f"a non-empty list drawn from {', '.join(allowed)}", self.protocols)
+        _check_choices(self)
         _require(self.eval_size >= 0, "eval.eval_size", ">= 0", self.eval_size)
-        _require(self.features in EVAL_FEATURES, "eval.features", f"one of {', '.join(EVAL_FEATURES)}", self.features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,17 +312,19 @@ SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 class SweepConfig:
     """A Ray Tune sweep: a base run, a search space over config keys, a budget and a scheduler."""
 
+    SECTION: ClassVar[str] = "sweep"
+
     base: RunConfig = dataclasses.field(default_factory=RunConfig)
     """The run every trial starts from."""
     space: dict = dataclasses.field(default_factory=dict)
     """{"loss.num_slices": {"grid": [64, 256]}, "loss.lam": {"loguniform": [0.01, 0.1]}, ...}."""
     num_samples: int = 1
     """Samples of the random dimensions (each grid point is repeated num_samples times)."""
-    scheduler: str = "fifo"
+    scheduler: SweepScheduler = "fifo"
     """fifo (every trial runs its budget) or asha (stops poor trials early on `metric`)."""
     metric: str = "loss/total"
     """Reported metric the scheduler compares: label-free by default."""
-    mode: str = "min"
+    mode: Mode = "min"
     """min or max."""
     grace_reports: int = 2
     """ASHA: reports a trial always gets before it may be stopped."""
@@ -307,6 +336,7 @@ class SweepConfig:
     """Sweep name: the Tune experiment under train.storage_path and the MLflow parent run's name."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         _require(isinstance(self.space, dict) and len(self.space) > 0, "sweep.space",
                  "a non-empty mapping of config keys to {kind: values}", self.space)
         for key, spec in self.space.items():
@@ -321,8 +351,6 @@ class SweepConfig:
                 _require(isinstance(values, (list, tuple)) and len(values) == 2 and values[0] < values[1],
                          f"sweep.space[{key!r}].{kind}", "[low, high] with low < high", values)
         _require(self.num_samples >= 1, "sweep.num_samples", ">= 1", self.num_samples)
-        _require(self.scheduler in ("fifo", "asha"), "sweep.scheduler", "fifo or asha", self.scheduler)
-        _require(self.mode in ("min", "max"), "sweep.mode", "min or max", self.mode)
         _require(self.grace_reports >= 1, "sweep.grace_reports", ">= 1", self.grace_reports)
         _require(self.reduction_factor >= 2, "sweep.reduction_factor", ">= 2", self.reduction_factor)
         _require(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", ">= 0", self.max_concurrent_trials)

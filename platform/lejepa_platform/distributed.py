@@ -40,3 +40,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if size == 1:
         return x
     return _AllReduceSum.apply(x) / size
+
+
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """True on every rank when `flag` (a bool tensor) is true on any rank; enqueued on the device
+    like any collective, never read back here."""
+    if world_size() == 1:
+        return flag
+    value = flag.float()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value > 0

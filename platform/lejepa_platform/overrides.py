@@ -96,7 +96,7 @@ def _parse_scalar(raw: str) -> Any:
 def _parse_text(raw: str, hint: Any) -> Any:
     """Turn command-line text into a Python value guided by the field's type."""
     origin = typing.get_origin(hint)
-    if hint is str:
+    if hint is str or origin is typing.Literal:
         return raw
     if hint is bool:
         low = raw.strip().lower()
@@ -130,7 +130,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{path} must be a number, got {value!r}")
-    if hint is str:
+    if hint is str or origin is typing.Literal:  # which strings a Literal allows: config._check_choices
         if isinstance(value, str):
             return value
         raise ConfigError(f"{path} must be a string, got {value!r}")

@@ -17,18 +17,18 @@ def test_charges_follow_titles_new_ended_and_reused_processes():
     driver, worker, raylet, reused = (1, 0, "python -c"), (2, 0), (3, 7), (4, 1)
     samples = [
         (0.0, snapshot((*driver, 0.0), (*worker, "default_worker.py", 0.1), (*reused, "IDLE", 2.0))),  # starting
-        (1.0, snapshot((*driver, 0.5), (*worker, "lejepa_view_block", 0.9), (4, 9, "IDLE", 0.1))),  # pid 4 restarted
+        (1.0, snapshot((*driver, 0.5), (*worker, "ReadLejepaRecords->MapBatches(lejepa_views)", 0.9), (4, 9, "IDLE", 0.1))),  # pid 4 restarted
         (2.0, snapshot((*driver, 1.0), (*worker, "IDLE", 1.0), (*raylet, "raylet", 0.3))),
         (3.0, snapshot((*driver, 1.5), (*worker, "IDLE", 1.0))),  # raylet gone after t = 2
     ]
     charged = charge(samples, platform_group(root=1))
     assert charged.total() == pytest.approx({
         ("driver", "python -c"): 1.5,
-        ("data_tasks", "lejepa_view_block"): 1.0,  # a worker's time is its task's, idle title or not
+        ("data_tasks", "ReadLejepaRecords->MapBatches(lejepa_views)"): 1.0,  # a worker's time is its task's, idle title or not
         ("ray", "IDLE"): 2.0 + 0.1,  # a reused pid is a new process: its 0.1 s, not -1.9 s
         ("ray", "raylet"): 0.3})  # all of a new process's time falls after the previous sample
     window = charged.between(0.5, 2.5)
-    assert window == pytest.approx({("driver", "python -c"): 1.0, ("data_tasks", "lejepa_view_block"): 0.5,
+    assert window == pytest.approx({("driver", "python -c"): 1.0, ("data_tasks", "ReadLejepaRecords->MapBatches(lejepa_views)"): 0.5,
                                     ("ray", "IDLE"): 0.05, ("ray", "raylet"): 0.3})  # half of pid 4's (0, 1]
     assert charged.data_processes.tolist() == [1, 1, 1, 1]
     assert charged.ended_between(0.0, 3.0) == 3  # both pid-4 processes and the raylet
@@ -38,7 +38,7 @@ def test_charges_follow_titles_new_ended_and_reused_processes():
 @pytest.mark.parametrize(("title", "name"), [
     ("ray::IDLE" + " " * 40, "IDLE"),
     ("ray::SplitCoordinator.get ", "SplitCoordinator"),
-    ("ray::lejepa_view_block", "lejepa_view_block"),
+    ("ray::ReadLejepaRecords->MapBatches(lejepa_views)", "ReadLejepaRecords->MapBatches(lejepa_views)"),
     ("/venv/bin/python /venv/ray/dashboard/dashboard.py --logging-level=info", "dashboard.py"),
     ('ray-dashboard-ServeHead-0 (/venv/bin/python -B -c "from multiprocessing"', "ray-dashboard-ServeHead-0"),
     ("/venv/ray/core/src/ray/raylet/raylet --raylet_socket_name=x", "raylet"),
@@ -50,7 +50,7 @@ def test_process_names(title, name):
 
 def test_groups_of_the_platform_side():
     group = platform_group(root=10)
-    assert [group(10, "python -c"), group(11, "RayTrainWorker"), group(12, "lejepa_view_block"),
+    assert [group(10, "python -c"), group(11, "RayTrainWorker"), group(12, "ReadLejepaRecords->MapBatches(lejepa_views)"),
             group(14, "raylet"), group(15, "TrainController"), group(16, "IDLE")] == \
         ["driver", "trainer", "data_tasks", "ray", "ray", "ray"]
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from lejepa_platform.config import DataConfig
-from lejepa_platform.data.pipeline import blocks_in_flight, stream_block_rows
+from lejepa_platform.data.pipeline import prefetch_budget, row_bytes, stream_block_rows
 from lejepa_platform.data.reader import UNIT_ROWS, block_rows, load_unit, plan_source, unit_rows, view_bytes
 
 pytestmark = pytest.mark.unit
@@ -23,12 +23,20 @@ def test_view_bytes_and_block_rows():
 
 def test_two_blocks_hold_the_prefetch_unless_too_big():
     assert stream_block_rows(SMALL, 128) == 512  # 8 batches of 128 in two blocks, within 16 MB of views
-    assert blocks_in_flight(SMALL, 128) == 2
     assert stream_block_rows(PAPER, 128) == 35  # 35 rows are 16 MB of the paper's views
-    assert blocks_in_flight(PAPER, 128) == 30  # 8 x 128 rows in blocks of 35: ceil(1024 / 35)
     one = dataclasses.replace(SMALL, prefetch_batches=1)
-    assert (stream_block_rows(one, 128), blocks_in_flight(one, 128)) == (64, 2)  # never fewer than two
-    assert (stream_block_rows(one, 1), blocks_in_flight(one, 1)) == (1, 2)
+    assert stream_block_rows(one, 128) == 64 and stream_block_rows(one, 1) == 1
+
+
+def test_the_prefetch_budget_is_the_prefetched_batches_in_bytes_and_at_least_two_blocks():
+    # A row: its uint8 views, 14 float32 numbers per view when the trainer applies the photometric
+    # ops, and uid, item, row and label as int64.
+    assert row_bytes(SMALL, photometric=True) == 12_288 + 32
+    assert row_bytes(PAPER, photometric=False) == 466_944 + 8 * 56 + 32
+    assert prefetch_budget(SMALL, 128, photometric=True) == 8 * 128 * (12_288 + 32)  # = two blocks of 512
+    assert prefetch_budget(PAPER, 128, photometric=True) == 8 * 128 * (466_944 + 32)  # about 29 blocks of 35 rows
+    one = dataclasses.replace(SMALL, prefetch_batches=1)
+    assert prefetch_budget(one, 1, photometric=True) == 2 * (12_288 + 32)  # one row a batch: two blocks of one
 
 
 @pytest.mark.parametrize("split", ["train", "test", "all"])

@@ -1,11 +1,12 @@
 """Config: defaults validate, overrides derive new objects, bad keys and values name the field."""
 
 import dataclasses
+import re
 
 import pytest
 
-from lejepa_platform.config import (ConfigError, DataConfig, LossConfig, RunConfig, flatten, per_worker_batch_size,
-                                    to_dict, warmup_steps)
+from lejepa_platform.config import (ConfigError, DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, TrainConfig,
+                                    flatten, per_worker_batch_size, to_dict, warmup_steps)
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.overrides import apply_overrides, from_dict
 from lejepa_platform.recipes import load_recipe
@@ -104,3 +105,16 @@ def test_recipe_errors_are_user_errors(tmp_path):
         load_recipe(str(bad), RunConfig)
     with pytest.raises(UserError, match="returned int, expected RunConfig"):
         load_recipe(f"{bad}:other", RunConfig)
+
+
+@pytest.mark.parametrize("section, field, bad, allowed", [
+    (ModelConfig, "proj_norm", "bn", "one of batchnorm, layernorm, none"),
+    (DataConfig, "split", "val", "one of train, test, all"),
+    (DataConfig, "augment_on", "gpu", "one of auto, data, device"),
+    (TrainConfig, "precision", "fp16", "one of auto, bf16, fp32"),
+    (EvalConfig, "features", "cls", "one of embedding, embedding+patch_mean"),
+    (EvalConfig, "protocols", ("knn", "svm"), "a non-empty list drawn from linear, knn, fewshot"),
+])
+def test_string_choices_are_checked_from_their_literal_type_however_the_config_is_built(section, field, bad, allowed):
+    with pytest.raises(ConfigError, match=f"{section.SECTION}.{field} = .* is not allowed: must be {re.escape(allowed)}"):
+        section(**{field: bad})  # a recipe builds sections directly, without --set

@@ -17,7 +17,7 @@ from lejepa_platform.data.sources import base as sources
 from lejepa_platform.data.evalset import load_eval_set
 from lejepa_platform.data.reader import eval_blocks, plan_source
 from lejepa_platform.data.stream import item_blocks, windows_per_epoch
-from lejepa_platform.data.shards import build_shards, inspect_shards, read_manifest, split_rows
+from lejepa_platform.data.shards import build_shards, inspect_shards, read_manifest
 from lejepa_platform.data.sources import ShardSource
 from lejepa_platform.errors import UserError
 
@@ -91,7 +91,7 @@ def test_file_uri_reads_exactly_what_the_local_path_reads(local, fmnist_sample):
     assert records == list(ShardSource(local).records())
     assert [r.id for r in records] == [f"d.npz/{i:06d}" for i in range(60)]
     assert [r.label for r in records] == fmnist_sample["labels"].tolist()
-    assert read_manifest(uri) == read_manifest(local) and split_rows(uri) == {"train": 45, "test": 15}
+    assert read_manifest(uri) == read_manifest(local) and read_manifest(uri)["split"]["rows"] == {"train": 45, "test": 15}
     for split, rows in SPLITS.items():
         remote, here = plan_source(uri, split), plan_source(str(local), split)
         assert remote.rows == here.rows == rows

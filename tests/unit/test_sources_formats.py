@@ -199,3 +199,19 @@ def test_hub_train_and_test_files_are_the_sources_own_split(class_folder, tmp_pa
     np.testing.assert_array_equal(splits.test.labels, table.column("label").to_numpy()[:5])
     np.testing.assert_array_equal(splits.test.images, load_eval_set(str(hub / "test-00000-of-00001.parquet"),
                                                                     "all", 16).images)
+
+
+def test_a_hub_dataset_repository_is_read_from_its_root(class_folder, tmp_path):
+    repo = tmp_path / "repo"
+    write_hub_parquet(repo / "data" / "train-00000-of-00001.parquet", class_folder)
+    table = pq.read_table(repo / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(table.slice(0, 4), repo / "data" / "test-00000-of-00001.parquet")
+    (repo / "README.md").write_text("---\nconfigs: [default]\n---\n")
+    (repo / ".gitattributes").write_text("*.parquet filter=lfs\n")
+    root, data = (plan_source(str(where), split) for where, split in ((repo, "train"), (repo / "data", "train")))
+    assert open_source(str(repo)).kind == "hub-parquet" and root.rows == data.rows == 12
+    assert [plan_source(str(repo), split).rows for split in ("test", "all")] == [4, 16]  # split from the file names
+    assert load_eval_set(str(repo), "test", 16).labels.tolist() == load_eval_set(str(repo / "data"), "test", 16).labels.tolist()
+    write_hub_parquet(repo / "other" / "train-00000-of-00001.parquet", class_folder)  # a second config
+    with pytest.raises(UserError, match=r"holds Parquet files in several folders \(data, other\): give the one"):
+        open_source(str(repo))

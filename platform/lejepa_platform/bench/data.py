@@ -19,6 +19,7 @@ timed on the device a trainer here would use, so both placements' cost per image
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -74,43 +76,39 @@ def synthetic_jpegs(folder: Path, count: int, side: int = 256) -> None:
 
 
 def process_tree(root: int) -> list[int]:
-    """`root` and its descendants, from /proc (just `root` where there is no /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = [root], {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier}
-        tree.extend(frontier)
-    return tree
+    """`root` and its descendants (those still alive)."""
+    try:
+        return [root, *(child.pid for child in psutil.Process(root).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [root]
+
+
+def _each_process(pids: list[int]) -> Iterator[psutil.Process]:
+    for pid in pids:
+        try:
+            yield psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
 
 
 def _tree_pss() -> int:
-    """Bytes of PSS summed over this process tree."""
+    """Bytes of PSS summed over this process tree (USS where the system has no PSS, e.g. macOS)."""
     total = 0
-    for pid in process_tree(os.getpid()):
-        try:
-            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-        except OSError:
-            continue
-        total += sum(int(line.split()[1]) * 1024 for line in lines if line.startswith("Pss:"))
+    for process in _each_process(process_tree(os.getpid())):
+        with contextlib.suppress(psutil.Error):
+            memory = process.memory_full_info()
+            total += getattr(memory, "pss", memory.uss)
     return total
 
 
 def _tree_cpu() -> float:
     """CPU seconds (user + system, reaped children included) used so far by this process tree."""
-    total = 0
-    for pid in process_tree(os.getpid()):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    return total / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for process in _each_process(process_tree(os.getpid())):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 class _PeakMemory(threading.Thread):

@@ -11,18 +11,18 @@ the platform's own work items, decode and views (seeded 0, the platform's defaul
 else runs there: no reports, no checkpoints, no diagnostics.
 
 Both sides train under the same time budget (train.time_budget_s, counted from the first batch,
-start-up outside it) with the same schedule logic (`schedule_position`, `TrainingClock`);
+start-up outside it) with the same schedule logic (`Pace`);
 train.steps is set beyond what the budget allows, so the budget ends every run. Runs alternate,
 platform first (a drift in machine load hits both sides); the ratio is platform steps over the
 next bare run's steps. Workloads: `default`, the embedded default's settings; `paper`, its views
 2 x 224 + 6 x 96 with a 4-block ViT (width 96, patch 16) and batch 64 on synthetic 256 px JPEG
 shards (`bench data`'s generator).
 
-CPU time: every process under each side's process is sampled from /proc every SAMPLE_S seconds
+CPU time: every process under each side's process is sampled (psutil) every SAMPLE_S seconds
 (utime + stime), named by the first task or actor title it shows (Ray titles a worker by what it
 runs, IDLE in between) and charged to a group: platform: trainer (the Ray Train worker, which
-also submits its rank's data tasks), data_tasks (processes running the view tasks,
-`pipeline.VIEW_TASK_NAME`), ray (raylet, GCS, dashboard and agents, workers that never ran a task,
+also runs its rank's Ray Data executor), data_tasks (processes running the view tasks,
+Ray Data tasks named after `pipeline.VIEW_OPERATOR`), ray (raylet, GCS, dashboard and agents, workers that never ran a task,
 Ray Train's coordinating actors, the job's small actors) and driver; bare: trainer (the loop's
 process) and data_tasks (DataLoader workers). Shares are over the training window (platform: located by the Train controller's
 report times, a callback), interpolated between samples. A process that ends between two samples
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from ray.train import UserCallback
 
@@ -58,7 +59,7 @@ from lejepa_platform.bench.data import process_tree, synthetic_jpegs
 from lejepa_platform.config import RunConfig, augment_placement, to_dict
 from lejepa_platform.console import say
 from lejepa_platform.overrides import from_dict, set_values
-from lejepa_platform.data.pipeline import VIEW_TASK_NAME
+from lejepa_platform.data.pipeline import VIEW_OPERATOR
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import UserError
 from lejepa_platform.ray_env import JOB_ENV_VARS, job_env_vars
@@ -67,8 +68,8 @@ WORKLOADS = ("default", "paper")
 DEFAULT_REPEATS = 3
 QUICK_SECONDS = 8.0
 SAMPLE_S = 1.0
-"""Seconds between CPU samples of a side's process tree (each sample reads /proc: the bench reports
-what its sampling cost as sampler_cpu_s)."""
+"""Seconds between CPU samples of a side's process tree (each sample reads every process's
+counters: the bench reports what its sampling cost as sampler_cpu_s)."""
 STEPS_PER_S_CAP = 50
 """train.steps is at least the budget times this: far more steps than these models take per second on CPU."""
 GOAL = 0.9
@@ -113,7 +114,7 @@ class ProcessSample:
     cpu_s: float
 
 
-Snapshot = dict[tuple[int, int], ProcessSample]
+Snapshot = dict[tuple[int, float], ProcessSample]
 """Processes of a tree at one instant, keyed by (pid, start time): a reused pid is a new process."""
 
 
@@ -138,24 +139,26 @@ def process_name(title: str) -> str:
     return Path(words[0]).name
 
 
-def _read_process(pid: int) -> tuple[tuple[int, int], ProcessSample, int] | None:
-    """((pid, start time), sample, niceness) from /proc; None if it has gone."""
+def _read_process(pid: int) -> tuple[tuple[int, float], ProcessSample, int] | None:
+    """((pid, start time), sample, niceness); None if it has gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (OSError, IndexError):
+        process = psutil.Process(pid)
+        with process.oneshot():
+            title = " ".join(process.cmdline())
+            times = process.cpu_times()
+            key = (pid, process.create_time())
+            niceness = process.nice()
+    except psutil.Error:
         return None
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    return (pid, int(fields[19])), ProcessSample(pid, process_name(title), cpu), int(fields[16])
+    return key, ProcessSample(pid, process_name(title), times.user + times.system), niceness
 
 
 def process_settings(pid: int, niceness: int) -> dict[str, Any]:
-    """A process's niceness and its values of the job's environment variables (from /proc)."""
+    """A process's niceness and its values of the job's environment variables."""
     try:
-        pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        pairs = []
-    env = dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+        env = psutil.Process(pid).environ()
+    except psutil.Error:
+        env = {}
     return {"niceness": niceness, **{key: env.get(key) for key in JOB_ENV_VARS}}
 
 
@@ -252,7 +255,7 @@ def platform_group(root: int) -> Callable[[int, str], str]:
             return "driver"
         if name.startswith("RayTrainWorker"):
             return "trainer"
-        if VIEW_TASK_NAME in name:
+        if VIEW_OPERATOR in name:
             return "data_tasks"
         return "ray"
     return group
@@ -310,8 +313,8 @@ def bare_loop(cfg: RunConfig, data_processes: int) -> dict[str, Any]:
     from lejepa_platform.bench.data import loader_batches
     from lejepa_platform.train.checkpoint import backbone_state
     from lejepa_platform.run.launch import epochs_needed, preflight
-    from lejepa_platform.train.loop import TrainingClock
-    from lejepa_platform.train.step import Pretrainer, make_optimizer, schedule_position, train_step
+    from lejepa_platform.train.bookkeeping import Pace, StopRequests
+    from lejepa_platform.train.step import Pretrainer, make_optimizer, train_step
 
     facts = preflight(cfg)
     device = torch.device("cpu")
@@ -319,21 +322,20 @@ def bare_loop(cfg: RunConfig, data_processes: int) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = Pretrainer(cfg, facts.num_classes, device=device)
     optimizer = make_optimizer(model, cfg)
-    clock = TrainingClock(0.0, agree_across_ranks=False, device=device)
+    pace = Pace(cfg, trained_before_s=0.0, stop=StopRequests(None, rank=0), world=1, device=device)
     batches = loader_batches(cfg.data, epochs_needed(cfg, facts.plan), cfg.data.batch_size, data_processes, {},
                               photometric=augment_placement(cfg) == "data")
     step, finished, start, shapes = 0, False, 0.0, {}
     for batch in batches:
-        trained_s, step_s = clock.tick()
+        plan = pace.plan(step)
         if step == 0:
-            start = time.time() - trained_s
+            start = time.time() - pace.seconds()
             shapes = {k: list(batch[k].shape) for k in ("global", "local") if k in batch}
-        position, finished = schedule_position(step, cfg, trained_s, step_s)
-        train_step(model, optimizer, batch, cfg=cfg, step=step, device=device, position=position)
-        step += 1
+        train_step(model, optimizer, batch, cfg=cfg, step=step, device=device, position=plan.position)
+        step, finished = step + 1, plan.last
         if finished:
             break
-    seconds = clock.seconds()
+    seconds = pace.seconds()
     batches.close()  # stops and reaps the DataLoader's workers (their CPU time then counts in ours)
     stopped_by = "data" if not finished else "steps" if step >= cfg.train.steps else "time budget"
     return {"steps": step, "train_seconds": seconds, "stopped_by": stopped_by, "window": [start, start + seconds],

@@ -1,6 +1,6 @@
 """The training stream without Ray: which records a rank sees, in which order, where it stands, and
-the views of one work item (the pipeline's Ray tasks and the benchmark's DataLoader both call
-`block_views`).
+the views of one block of a work item (the pipeline's Ray Data operators and the benchmark's
+DataLoader both call `block_records` then `records_views`).
 
 The order of an epoch is a pure function of (seed, epoch): the plan's units are permuted, cut into
 shuffle windows of consecutive units, and the rows of each window are permuted. The windows of all
@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -23,10 +24,6 @@ from lejepa_platform.config import DataConfig
 from lejepa_platform.data.decode import decode_batch
 from lejepa_platform.data.reader import UNIT_ROWS, Plan, Unit, block_rows, load_unit
 from lejepa_platform.data.views import decode_side, multi_crop, record_seed
-
-POSITION_FIELDS = ("item", "row")
-"""Columns of every training row that say where it sits in its rank's order."""
-
 
 @dataclasses.dataclass(frozen=True)
 class StreamPosition:
@@ -115,37 +112,47 @@ def load_item(plan: Plan, cfg: DataConfig, seed: int, index: int) -> LoadedItem:
     return LoadedItem(item, images, np.concatenate(labels), ids, item.row_order(len(ids), seed))
 
 
-def block_views(loaded: LoadedItem, cfg: DataConfig, *, seed: int, start: int, rows: int,
-                photometric: bool = True) -> tuple[dict[str, np.ndarray] | None, Counter, int]:
-    """Views of rows [start, start + rows) of the item's order: (batch, or None when every record
-    was bad; skip reasons; records read).
+def block_records(loaded: LoadedItem, start: int, rows: int) -> dict[str, Any]:
+    """Rows [start, start + rows) of the item's order, still encoded: image (bytes), label, id, and
+    where each row sits (item, row) and its epoch (the views' randomness follows it)."""
+    pick = loaded.order[start:start + rows]
+    return {"image": [loaded.images[i] for i in pick], "label": loaded.labels[pick],
+            "id": [loaded.ids[i] for i in pick], "item": np.full(len(pick), loaded.item.index, dtype=np.int64),
+            "row": np.arange(start, start + len(pick), dtype=np.int64),
+            "epoch": np.full(len(pick), loaded.item.epoch, dtype=np.int64)}
+
+
+def records_views(records: Mapping[str, Any], cfg: DataConfig, *, seed: int,
+                  photometric: bool = True) -> tuple[dict[str, np.ndarray] | None, Counter, int]:
+    """Views of one block of `block_records` (all rows of one work item): (batch, or None when every
+    record was bad; skip reasons; records read).
 
     Batch columns: global uint8 (b, G, 3, Hg, Hg), local uint8 (b, L, 3, Hl, Hl) when L > 0, label
     int64, uid int64 (`record_uid`), item and row int64 (the position, see `StreamPosition`); with
     photometric=False the views are geometric crops only and global_params / local_params float32
     carry each view's photometric random numbers for the trainer to apply.
     """
-    pick = loaded.order[start:start + rows]
-    arrays, kept, bad = decode_batch([loaded.images[i] for i in pick], cfg.max_image_pixels, decode_side(cfg))
+    images = list(records["image"])
+    arrays, kept, bad = decode_batch(images, cfg.max_image_pixels, decode_side(cfg))
     if not kept:
-        return None, bad, len(pick)
-    chosen = pick[kept]
-    chosen_ids = [loaded.ids[i] for i in chosen]
-    batch = multi_crop(arrays, chosen_ids, cfg, seed=seed, epoch=loaded.item.epoch, photometric=photometric)
+        return None, bad, len(images)
+    ids = [records["id"][i] for i in kept]
+    batch = multi_crop(arrays, ids, cfg, seed=seed, epoch=int(records["epoch"][0]), photometric=photometric)
     if not cfg.local_views:
         batch.pop("local", None)
         batch.pop("local_params", None)
-    batch.update(label=loaded.labels[chosen], uid=np.array([record_uid(i) for i in chosen_ids], dtype=np.int64),
-                 item=np.full(len(chosen), loaded.item.index, dtype=np.int64),
-                 row=(start + np.asarray(kept, dtype=np.int64)))
-    return batch, bad, len(pick)
+    batch.update(label=np.asarray(records["label"], dtype=np.int64)[kept],
+                 uid=np.array([record_uid(i) for i in ids], dtype=np.int64),
+                 item=np.asarray(records["item"], dtype=np.int64)[kept],
+                 row=np.asarray(records["row"], dtype=np.int64)[kept])
+    return batch, bad, len(images)
 
 
 def item_blocks(plan: Plan, cfg: DataConfig, *, seed: int, index: int, skip: int = 0, photometric: bool = True,
                 rows_per_block: int | None = None) -> Iterator[tuple[dict[str, np.ndarray] | None, Counter, int]]:
-    """`block_views` of work item `index` one block after another, from row `skip` of its order on
+    """`records_views` of work item `index` one block after another, from row `skip` of its order on
     (rows before it are never decoded); blocks of `rows_per_block` records (default `reader.block_rows`)."""
     loaded = load_item(plan, cfg, seed, index)
     rows = rows_per_block or block_rows(cfg)
     for start in range(skip, len(loaded.ids), rows):
-        yield block_views(loaded, cfg, seed=seed, start=start, rows=rows, photometric=photometric)
+        yield records_views(block_records(loaded, start, rows), cfg, seed=seed, photometric=photometric)

@@ -51,6 +51,8 @@ def slice_directions(dim: int, num_slices: int, *, seed: int, step: int,
     generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     a = torch.randn(dim, num_slices, generator=generator, dtype=torch.float32)
     a = a / a.norm(dim=0, keepdim=True)
+    if device is not None and torch.device(device).type == "cuda":
+        return a.pin_memory().to(device, non_blocking=True)  # pinned: the copy does not wait for the device
     return a if device is None else a.to(device)
 
 

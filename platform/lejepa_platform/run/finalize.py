@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lejepa_platform.artifacts import BACKBONE_FILE, LOSS_CURVE_FILE, REPORT_FILE
+from lejepa_platform.artifacts import BACKBONE_FILE, LOSS_CURVE_FILE, REPORT_FILE, STREAM_STATS_FILE
 from lejepa_platform.config import RunConfig
 from lejepa_platform.console import say
+from lejepa_platform.data.pipeline import DataStats
 from lejepa_platform.eval.plots import plot_loss_curve
 from lejepa_platform.run.evaluate import evaluate_weights, report_metrics
 from lejepa_platform.model.flops import training_flops_per_image
@@ -81,3 +82,26 @@ def _evaluate(cfg: RunConfig, model_state: dict[str, torch.Tensor], plots_dir: P
     if report["skipped"]:
         say(quiet, report["skipped"])
     return report
+
+
+def log_data_figures(tracker: Tracker, stats: DataStats, step: int) -> dict[str, Any]:
+    """Record counts and Ray Data's figures of the ranks' streams, as metrics (data/...) and one
+    artifact with each rank's `Dataset.stats()`; returns the summary's "data" part."""
+    counts = stats.log_summary()
+    streams = stats.streams()
+    metrics = {"data/records_read": counts["records"], "data/records_skipped": counts["skipped"]}
+    if streams:
+        figures = list(streams.values())
+        metrics.update({"data/rows_per_s": sum(f.rows_per_s for f in figures),
+                        "data/trainer_wait_s": max(f.consumer_wait_s for f in figures),
+                        "data/backpressure_s": sum(f.backpressure_s for f in figures),
+                        "data/task_cpu_s": sum(f.task_cpu_s for f in figures)})
+        with tempfile.TemporaryDirectory(prefix="lejepa-data-") as tmp:
+            path = Path(tmp) / STREAM_STATS_FILE
+            path.write_text("\n".join(f"# rank {rank}: {f.rows} rows in {f.seconds:.1f} s\n{f.text}"
+                                       for rank, f in sorted(streams.items())))
+            tracker.log_artifact(str(path))
+    tracker.log_metrics(metrics, step=step)
+    return {"records_read": counts["records"], "skipped": counts["reasons"],
+            **{key.split("/", 1)[1]: round(value, 3) for key, value in metrics.items() if key not in
+               ("data/records_read", "data/records_skipped")}}

@@ -37,7 +37,7 @@ from lejepa_platform.model import check_backbone
 from lejepa_platform.ray_env import init_ray, on_this_node
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.tracking import MLflowTracker, resolve_tracking_uri, run_environment_tags
-from lejepa_platform.run.finalize import finalize_run
+from lejepa_platform.run.finalize import finalize_run, log_data_figures
 from lejepa_platform.train.checkpoint import load_checkpoint
 from lejepa_platform.train.loop import RECORD_IDS_ENV, worker_loop
 from lejepa_platform.run.progress import ProgressBoard, ProgressCallback, ProgressPrinter
@@ -192,9 +192,7 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     try:  # nothing after training may leave the run looking alive
         with result.checkpoint.as_directory() as directory:
             summary = finalize_run(cfg, tracker, Path(directory), quiet=quiet)
-        data_summary = data_stats.log_summary()
-        tracker.log_metrics({"data/records_read": data_summary["records"],
-                             "data/records_skipped": data_summary["skipped"]}, step=summary["steps"])
+        summary["data"] = log_data_figures(tracker, data_stats, summary["steps"])
         tracker.finish("FINISHED")
     except TrackingError as err:  # the server is away or cannot store: nothing is lost, record it later
         with contextlib.suppress(TrackingError):
@@ -210,8 +208,7 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     except BaseException:
         tracker.finish("KILLED")
         raise
-    summary.update({"data": {"records_read": data_summary["records"], "skipped": data_summary["reasons"]},
-                    "name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,
+    summary.update({"name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,
                     "tracking_uri": tracking_uri, "wall_time_s": round(time.monotonic() - started, 1)})
     return summary
 

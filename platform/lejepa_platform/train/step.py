@@ -13,6 +13,7 @@ from torch import nn
 
 from lejepa_platform.config import RunConfig, warmup_steps
 from lejepa_platform.data.views import augment_views, normalize
+from lejepa_platform.distributed import any_rank
 from lejepa_platform.eval.geometry import effective_rank
 from lejepa_platform.loss import lejepa_loss, slice_directions
 from lejepa_platform.model import build_encoder, use_plain_attention
@@ -25,6 +26,29 @@ VIEW_KEYS = ("global", "local", "global_params", "local_params")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf: the step is not applied and no checkpoint is written after it."""
+
+
+class FiniteCheck:
+    """The first optimizer step whose loss was not finite, and its loss terms, kept on the device:
+    `train_step` records into it without a host-device synchronisation, the caller reads it with
+    `raise_if_nonfinite` (one synchronisation) on the steps it logs and checkpoints at."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._first = torch.full((), -1, dtype=torch.int64, device=device)
+        self._terms: dict[str, torch.Tensor] = {}
+
+    def record(self, step: int, finite: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        first_bad = (~finite) & (self._first < 0)
+        self._first = torch.where(first_bad, step, self._first)
+        for key, value in terms.items():
+            kept = self._terms.get(key, value)
+            self._terms[key] = torch.where(first_bad, value, kept)
+
+    def raise_if_nonfinite(self) -> None:
+        first = int(self._first)
+        if first >= 0:
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in self._terms.items())
+            raise NonFiniteLossError(f"non-finite loss at step {first}: {values}")
 
 
 class Pretrainer(nn.Module):
@@ -54,13 +78,15 @@ class Pretrainer(nn.Module):
 
 
 def make_optimizer(model: Pretrainer, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW; the probe gets its own learning rate and no weight decay."""
+    """AdamW; the probe gets its own learning rate and no weight decay. The fused implementation
+    skips an update on the device when told the loss was not finite (`found_inf`), so no step
+    has to read the loss back to decide."""
     groups = [{"params": list(model.encoder.parameters()), "lr": cfg.train.lr,
                "weight_decay": cfg.train.weight_decay, "base_lr": cfg.train.lr}]
     if model.probe is not None:
         groups.append({"params": list(model.probe.parameters()), "lr": cfg.train.probe_lr,
                        "weight_decay": 0.0, "base_lr": cfg.train.probe_lr})
-    return torch.optim.AdamW(groups)
+    return torch.optim.AdamW(groups, fused=True)
 
 
 def lr_factor(position: float, cfg: RunConfig) -> float:
@@ -98,14 +124,15 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], *,
                cfg: RunConfig, step: int, device: torch.device, diagnostics: bool = False,
-               position: float | None = None) -> dict[str, torch.Tensor]:
+               position: float | None = None, finite: FiniteCheck | None = None) -> dict[str, torch.Tensor]:
     """Forward, LeJEPA loss (+ probe loss), backward and AdamW update for optimizer step `step`.
 
     The learning rate is the schedule's at `position` (default: `step`; see `schedule_position`);
     SIGReg's slice directions always follow `step`. `model` is a `Pretrainer`, possibly DDP-wrapped.
-    Raises NonFiniteLossError before updating when the loss is not finite. Returns detached scalar
-    tensors for logging; `diagnostics` adds the effective rank of the batch's embeddings (an SVD:
-    only on logging steps).
+    Nothing here waits for the device: a loss that is not finite skips the update on the device
+    and is recorded in `finite`, which the caller reads when it logs; without one, the step reads
+    it at once and raises NonFiniteLossError. Returns detached scalar tensors for logging;
+    `diagnostics` adds the effective rank of the batch's embeddings (an SVD: only on logging steps).
     """
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step if position is None else position, cfg)
@@ -131,23 +158,33 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     for v, value in enumerate(terms.sigreg_per_view.detach()):
         metrics[f"sigreg/view{v}"] = value
     labels = batch.get("label")
-    if logits is not None and labels is not None and bool((labels >= 0).all()):
-        targets = labels.to(device).long().repeat(g)
-        probe_loss = nn.functional.cross_entropy(logits, targets)
+    if logits is not None and labels is not None:
+        probe_loss, probe_acc = _probe_terms(logits, labels.to(device, non_blocking=True).long().repeat(g))
         objective = objective + probe_loss
-        metrics["probe/loss"] = probe_loss.detach()
-        metrics["probe/online_acc"] = (logits.argmax(1) == targets).float().mean()
+        metrics["probe/loss"], metrics["probe/online_acc"] = probe_loss.detach(), probe_acc
 
-    if not bool(torch.isfinite(objective)):
-        values = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
-        raise NonFiniteLossError(f"non-finite loss at step {step}: {values}")
+    check = finite or FiniteCheck(device)
+    not_finite = any_rank(~torch.isfinite(objective.detach()))  # every rank skips the same steps
+    check.record(step, ~not_finite, {k: metrics[k] for k in ("loss/total", "loss/prediction", "loss/sigreg")})
     optimizer.zero_grad(set_to_none=True)
     objective.backward()
+    optimizer.found_inf = not_finite.float().reshape(())  # read by the fused AdamW: no update when set
     optimizer.step()
-    metrics["lr"] = torch.tensor(optimizer.param_groups[0]["lr"], device=device)
+    if finite is None:
+        check.raise_if_nonfinite()
     metrics["embed/std"] = out.embeddings[:g].detach().float().std(dim=1).mean()
     metrics["proj/std"] = proj[:g].detach().std(dim=1).mean()
     if diagnostics:
         metrics["embed/effective_rank"] = torch.tensor(effective_rank(out.embeddings[:g].detach().float().flatten(0, 1)),
                                                        device=device)
     return metrics
+
+
+def _probe_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and accuracy of the online probe over the labelled rows (label >= 0), without
+    reading the labels back: a batch without any labelled row gives zero loss and zero accuracy."""
+    labelled = (targets >= 0).float()
+    count = labelled.sum().clamp(min=1.0)
+    losses = nn.functional.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    correct = (logits.detach().argmax(1) == targets).float()
+    return (losses * labelled).sum() / count, (correct * labelled).sum() / count

@@ -7,7 +7,7 @@ and checks every image, `split` holds the fixed train/test split the manifest re
 
 from lejepa_platform.data.shards.build import build_shards
 from lejepa_platform.data.shards.inspect import inspect_shards
-from lejepa_platform.data.shards.split import split_mask, split_rows
+from lejepa_platform.data.shards.split import split_mask
 from lejepa_platform.data.sources import read_manifest, resolve_source
 
-__all__ = ["build_shards", "inspect_shards", "read_manifest", "resolve_source", "split_mask", "split_rows"]
+__all__ = ["build_shards", "inspect_shards", "read_manifest", "resolve_source", "split_mask"]

@@ -11,10 +11,6 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow.fs as pafs
-
-from lejepa_platform.data.sources import (MANIFEST, locate,
-                                          read_manifest)
 
 
 
@@ -45,13 +41,3 @@ def split_mask(ids: Sequence[str], labels: Sequence[int] | np.ndarray, spec: dic
     test = np.fromiter((split_key(seed, i) <= thresholds.get(str(int(lab)), -1) for i, lab in zip(ids, labels)),
                        dtype=bool, count=len(ids))
     return test if split == "test" else ~test
-
-
-def split_rows(source: str) -> dict[str, int] | None:
-    """{"train": n, "test": n} when the source has a fixed split, else None (all rows only)."""
-    filesystem, root = locate(source)
-    if filesystem.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
-        split = read_manifest(root, filesystem, where=source).get("split")
-        return dict(split["rows"]) if split else None
-    return None
-

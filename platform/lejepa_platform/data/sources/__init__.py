@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 
 from lejepa_platform.data.sources.arrays import ArraySource
 from lejepa_platform.data.sources.base import (BUILTIN_DIR, IMAGE_EXTENSIONS, LOCAL_FS, MANIFEST, SHARD_COLUMNS,
-                                               RawRecord, Source, is_image_name, is_uri, locate, resolve_source)
+                                               RawRecord, Source, is_image_name, is_uri, locate, parquet_files,
+                                               resolve_source)
 from lejepa_platform.data.sources.folder import FolderSource
-from lejepa_platform.data.sources.hub import HubParquetSource, is_hub_schema, parquet_files
+from lejepa_platform.data.sources.hub import HubParquetSource, is_hub_schema
 from lejepa_platform.data.sources.idx import IdxSource, is_idx_name
 from lejepa_platform.data.sources.parquet import ShardSource, check_shard_columns, read_manifest
 from lejepa_platform.data.sources.pathlist import PathListSource, is_list_name, read_entry
@@ -44,7 +45,7 @@ def open_source(source: str) -> Source:
     path = resolve_source(source)
     if path.is_dir():
         names = [p.name for p in path.iterdir()]
-        if MANIFEST in names or any(n.endswith(".parquet") for n in names):
+        if MANIFEST in names or parquet_files(LOCAL_FS, str(path)):  # also a Hub dataset repository's root
             return _parquet(path)
         if any(is_tar_name(n) for n in names) and not any(is_image_name(n) for n in names):
             return TarSource(path)

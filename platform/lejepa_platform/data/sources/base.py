@@ -7,13 +7,15 @@ through a (filesystem, path) pair, the local filesystem's for local paths, so bo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from lejepa_platform.errors import UserError
 
@@ -130,3 +132,48 @@ def classes_txt(folder: Path | str, filesystem: pafs.FileSystem = LOCAL_FS) -> l
     with filesystem.open_input_stream(path) as handle:
         text = handle.read().decode()
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+FOOTER_THREADS = 16
+"""Parquet footers read at once when opening a source (each is a round trip on object storage)."""
+
+
+def _visible_parquet(infos: list[pafs.FileInfo]) -> list[str]:
+    return sorted(info.path for info in infos if info.type == pafs.FileType.File
+                  and info.base_name.endswith(".parquet") and not info.base_name.startswith("."))
+
+
+def parquet_files(filesystem: pafs.FileSystem, root: str) -> list[str]:
+    """The .parquet files of `root`: [root] for a file; a directory's own (sorted, hidden ones
+    skipped); else, for a dataset repository as the Hugging Face Hub stores it (a README beside
+    data/ or one config folder), the files of its one subfolder that holds Parquet files."""
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        return [root]
+    entries = filesystem.get_file_info(pafs.FileSelector(root))
+    own = _visible_parquet(entries)
+    if own:
+        return own
+    holders = {info.base_name: files for info in entries
+               if info.type == pafs.FileType.Directory and not info.base_name.startswith(".")
+               for files in [_visible_parquet(filesystem.get_file_info(pafs.FileSelector(info.path)))] if files}
+    if len(holders) > 1:
+        raise UserError(f"{root!r} holds Parquet files in several folders ({', '.join(sorted(holders))}): "
+                        f"give the one to read as the source, e.g. {root.rstrip('/')}/{min(holders)}")
+    return next(iter(holders.values()), [])
+
+
+def read_footers(filesystem: pafs.FileSystem, files: list[str], check: Callable[[str, pq.FileMetaData], None], *,
+                 name: Callable[[str], str] = str) -> list[pq.FileMetaData]:
+    """Each file's Parquet footer, FOOTER_THREADS at a time, passed to `check(name(file), metadata)`
+    (which raises UserError for a file of the wrong layout); UserError naming a file that is not
+    Parquet. `name` says how messages name a file (as the user gave it)."""
+    def footer(file: str) -> pq.FileMetaData:
+        try:
+            metadata = pq.ParquetFile(file, filesystem=filesystem).metadata
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"{name(file)!r} is not a readable Parquet file: {err}") from None
+        check(name(file), metadata)
+        return metadata
+
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(files)))) as pool:
+        return list(pool.map(footer, files))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lejepa_platform.data.sources.base import RawRecord, Source, files_fingerprint, filesystem_sizes, is_uri, locate
+from lejepa_platform.data.sources.base import (RawRecord, Source, files_fingerprint, filesystem_sizes, is_uri, locate,
+                                               parquet_files, read_footers)
 from lejepa_platform.errors import UserError
 
 IMAGE_COLUMN = "image"
@@ -52,14 +52,6 @@ def hub_class_names(schema: pa.Schema) -> list[str]:
     return [str(n) for n in names] if isinstance(names, list) else []
 
 
-def parquet_files(filesystem: pafs.FileSystem, root: str) -> list[str]:
-    """The .parquet files of a directory (sorted, hidden ones skipped), or [root] for a file."""
-    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
-        return [root]
-    return sorted(info.path for info in filesystem.get_file_info(pafs.FileSelector(root))
-                  if info.base_name.endswith(".parquet") and not info.base_name.startswith("."))
-
-
 class HubParquetSource(Source):
     """One Hub-layout Parquet file or a folder of them; `files` are paths inside `filesystem`."""
 
@@ -72,24 +64,9 @@ class HubParquetSource(Source):
         self.files = parquet_files(self.filesystem, root)
         if not self.files:
             raise UserError(f"no .parquet files in {self.where!r}")
-        with ThreadPoolExecutor(max_workers=min(16, len(self.files))) as pool:
-            self.footers = list(pool.map(self._footer, self.files))
+        self.footers = read_footers(self.filesystem, self.files, _check_hub_footer)
         self.schema = self.footers[0].schema.to_arrow_schema()
         self.has_labels = LABEL_COLUMN in self.schema.names
-
-    def _footer(self, file: str) -> pq.FileMetaData:
-        try:
-            metadata = pq.ParquetFile(file, filesystem=self.filesystem).metadata
-        except (OSError, pa.ArrowException) as err:
-            raise UserError(f"{file!r} is not a readable Parquet file: {err}") from None
-        schema = metadata.schema.to_arrow_schema()
-        if not is_hub_schema(schema):
-            raise UserError(f"{file!r} has no {IMAGE_COLUMN!r} column of struct<bytes, path>, as the other "
-                            f"Hub-layout files here have; has {', '.join(schema.names)}")
-        if LABEL_COLUMN in schema.names and not pa.types.is_integer(schema.field(LABEL_COLUMN).type):
-            kind = schema.field(LABEL_COLUMN).type
-            raise UserError(f"{file!r}: column {LABEL_COLUMN!r} must hold integers, got {kind}")
-        return metadata
 
     def class_names(self) -> list[str]:
         return hub_class_names(self.schema)
@@ -115,6 +92,15 @@ class HubParquetSource(Source):
                         yield RawRecord(ids[i], int(labels[i]), images[i])
                 seen += rows
                 start += rows
+
+
+def _check_hub_footer(file: str, metadata: pq.FileMetaData) -> None:
+    schema = metadata.schema.to_arrow_schema()
+    if not is_hub_schema(schema):
+        raise UserError(f"{file!r} has no {IMAGE_COLUMN!r} column of struct<bytes, path>, as the other "
+                        f"Hub-layout files here have; has {', '.join(schema.names)}")
+    if LABEL_COLUMN in schema.names and not pa.types.is_integer(schema.field(LABEL_COLUMN).type):
+        raise UserError(f"{file!r}: column {LABEL_COLUMN!r} must hold integers, got {schema.field(LABEL_COLUMN).type}")
 
 
 def read_hub_rows(filesystem: pafs.FileSystem, file: str, row_groups: tuple[int, ...],

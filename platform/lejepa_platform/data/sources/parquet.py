@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,11 +12,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lejepa_platform.data.sources.base import (MANIFEST, SHARD_COLUMNS, RawRecord, Source, classes_txt, files_fingerprint,
-                                               filesystem_sizes, is_uri, locate)
+                                               filesystem_sizes, is_uri, locate, parquet_files, read_footers)
 from lejepa_platform.errors import UserError
-
-FOOTER_THREADS = 16
-"""Parquet footers read at once when opening shards (each is a round trip on object storage)."""
 
 
 class ShardSource(Source):
@@ -36,25 +32,14 @@ class ShardSource(Source):
         self.manifest = read_manifest(root, self.filesystem, where=self.where) if has_manifest else None
         if self.manifest is not None:
             self.files = [f"{root}/{entry['file']}" for entry in self.manifest["shards"]]
-        elif self.is_dir:
-            self.files = sorted(info.path for info in self.filesystem.get_file_info(pafs.FileSelector(root))
-                                if info.base_name.endswith(".parquet") and not info.base_name.startswith("."))
         else:
-            self.files = [root]
+            self.files = parquet_files(self.filesystem, root)
         if not self.files:
             hint = "; only Parquet shards are read from a URI (see `lejepa shards build`)" if is_uri(source) else ""
             raise UserError(f"no .parquet files in {self.where!r}{hint}")
-        with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(self.files))) as pool:
-            self.footers = list(pool.map(self._footer, self.files))
-
-    def _footer(self, file: str) -> pq.FileMetaData:
-        """The file's Parquet metadata; UserError unless it has image (binary), label (integer), id (string)."""
-        try:
-            metadata = pq.ParquetFile(file, filesystem=self.filesystem).metadata
-        except (OSError, pa.ArrowException) as err:
-            raise UserError(f"{self._name_of(file)!r} is not a readable Parquet file: {err}") from None
-        check_shard_columns(metadata.schema.to_arrow_schema(), self._name_of(file))
-        return metadata
+        self.footers = read_footers(self.filesystem, self.files,
+                                    lambda file, meta: check_shard_columns(meta.schema.to_arrow_schema(), file),
+                                    name=self._name_of)
 
     def _name_of(self, file: str) -> str:
         """How messages name a file: as the user would (the URI for remote shards)."""
