@@ -63,6 +63,7 @@ from lejepa_platform.config import DataConfig
 from lejepa_platform.data.reader import Plan, Unit, block_rows, describe, unit_rows, view_bytes
 from lejepa_platform.data.stream import (LoadedItem, StreamPosition, block_records, load_item, rank_items, records_views,
                                          work_item)
+from lejepa_platform.ray_env import on_this_node
 
 log = logging.getLogger("lejepa_platform.data")
 
@@ -108,7 +109,7 @@ class DataStats:
     """A pipeline's record counts (added by every view task) and each rank's stream figures."""
 
     def __init__(self) -> None:
-        self._tally = _Tally.remote()
+        self._tally = _Tally.options(**on_this_node()).remote()  # created by the driver, lives on its node
 
     def add(self, bad: Counter, records: int) -> None:
         ray.get(self._tally.add.remote({"records": records, **bad}))

@@ -29,15 +29,15 @@ from lejepa_platform.config import RunConfig, flatten, per_worker_batch_size, to
 from lejepa_platform.console import say, warn
 from lejepa_platform.data.pipeline import DataStats, pin_ray_data_actors
 from lejepa_platform.defaults import default_run_config
-from lejepa_platform.errors import RunFailed, RunStopped, UserError
+from lejepa_platform.errors import RunFailed, RunStopped, TrackingError, UserError
 from lejepa_platform.overrides import apply_overrides, from_dict
-from lejepa_platform.ray_env import init_ray
+from lejepa_platform.ray_env import init_ray, on_this_node
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.run.finalize import finalize_run, log_data_figures
 from lejepa_platform.run.plan import RunPlan, prepare
 from lejepa_platform.run.progress import ProgressBoard, ProgressCallback, ProgressPrinter
 from lejepa_platform.run.stop import SIGNAL_EXIT_CODES, fit_with_stop_signals
-from lejepa_platform.run.storage import absolute_storage, read_run_record, write_run_record
+from lejepa_platform.run.storage import absolute_storage, check_unmasked, read_run_record, write_run_record
 from lejepa_platform.tracking import MLflowTracker, run_environment_tags
 from lejepa_platform.train.checkpoint import load_checkpoint
 from lejepa_platform.train.loop import PLAN_KEY, RECORD_IDS_ENV, worker_loop
@@ -109,15 +109,13 @@ def tracked_run(plan: RunPlan, *, parent_run_id: str | None, quiet: bool) -> Ite
         plan = plan.tracked(tracker.run_id)
     say(quiet, f"run {plan.name}: MLflow run {tracker.run_id} at {plan.tracking_uri}")
     say(quiet, f"  view it: mlflow ui --backend-store-uri {plan.tracking_uri}")
-    status = "FAILED"
     try:
         yield plan, tracker
-        status = "FINISHED"
     except BaseException as err:
-        status = _status_of(err)
+        with contextlib.suppress(TrackingError):  # the error that ended the run is the one to report
+            tracker.finish(_status_of(err))
         raise
-    finally:
-        tracker.finish(status)
+    tracker.finish("FINISHED")
 
 
 def _status_of(err: BaseException) -> str:
@@ -129,12 +127,13 @@ def _open_new_run(plan: RunPlan, parent_run_id: str | None) -> MLflowTracker:
     cfg = plan.cfg
     tracker = MLflowTracker.start(plan.tracking_uri, cfg.track.experiment, run_name=cfg.track.run_name or plan.name,
                                   parent_run_id=parent_run_id, tags=run_environment_tags())
-    tracker.log_params(flatten(cfg))
-    tracker.log_params({"derived.per_worker_batch_size": per_worker_batch_size(cfg),
-                        "derived.warmup_steps": warmup_steps(cfg), "derived.data_rows": plan.data.rows})
-    tracker.log_dict(to_dict(cfg), CONFIG_FILE)
-    write_run_record(plan.storage, plan.name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
-                                               "tracking_uri": plan.tracking_uri})
+    with tracker.failed_on_error():
+        tracker.log_params(flatten(cfg))
+        tracker.log_params({"derived.per_worker_batch_size": per_worker_batch_size(cfg),
+                            "derived.warmup_steps": warmup_steps(cfg), "derived.data_rows": plan.data.rows})
+        tracker.log_dict(to_dict(cfg), CONFIG_FILE)
+        write_run_record(plan.storage, plan.name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
+                                                   "tracking_uri": plan.tracking_uri})
     return tracker
 
 
@@ -144,7 +143,7 @@ def fit(plan: RunPlan, *, quiet: bool, callbacks: tuple = ()) -> tuple[ray.train
     checkpoint; RunStopped (with the signal's exit code) after a requested stop."""
     cfg = plan.cfg
     pin_ray_data_actors()
-    board, data_stats = ProgressBoard.remote(), DataStats()
+    board, data_stats = ProgressBoard.options(**on_this_node()).remote(), DataStats()
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={PLAN_KEY: plan.for_workers(board=board, data_stats=data_stats,
@@ -178,12 +177,17 @@ def fit(plan: RunPlan, *, quiet: bool, callbacks: tuple = ()) -> tuple[ray.train
 def finalize(plan: RunPlan, tracker: MLflowTracker, checkpoint: ray.train.Checkpoint, data_stats: DataStats, *,
              quiet: bool) -> dict[str, Any]:
     """The end of the run on the driver (run/finalize.py); any failure is one RunFailed line naming
-    the trained checkpoint and the `lejepa eval` command that finishes the job."""
+    the trained checkpoint and the command that finishes the job (`lejepa eval`, or `--resume` when
+    the tracking store was away: the checkpoint keeps the rows it lacks)."""
     try:  # nothing after training may leave the run looking alive
         with checkpoint.as_directory() as directory:
             summary = finalize_run(plan.cfg, plan.evaluation, tracker, Path(directory), quiet=quiet)
         summary["data"] = log_data_figures(tracker, data_stats, summary["steps"])
         return summary
+    except TrackingError as err:  # the store is away or cannot store: nothing is lost, record it later
+        raise RunFailed(f"{plan.name}: training finished ({plan.run_dir}/{Path(checkpoint.path).name}) but {err}; "
+                        f"the checkpoint keeps the metrics MLflow lacks: once the store works again, record the "
+                        f"run with: {plan.resume_command}") from None
     except Exception as err:
         stored = f"{plan.run_dir}/{Path(checkpoint.path).name}"
         detail = " ".join(str(err).split())[:300] or type(err).__name__
@@ -202,6 +206,7 @@ def pretrain_from_cli(recipe: str | None, *, overrides: list[str], resume: str |
         storage = absolute_storage(resolve_config(None, storage_override).train.storage_path)
         recorded = from_dict(RunConfig, read_run_record(storage, resume)["config"])
         cfg = apply_overrides(recorded, overrides)
+        check_unmasked(flatten(cfg))
         if cfg.train.workers != recorded.train.workers:
             raise UserError(f"train.workers = {cfg.train.workers} is not allowed with --resume {resume}: each rank's "
                             f"data position is in the checkpoint, so resume with train.workers = "

@@ -21,7 +21,7 @@ from lejepa_platform.data.stream import window_units, windows_per_epoch
 from lejepa_platform.errors import UserError
 from lejepa_platform.model import check_backbone
 from lejepa_platform.run.evaluate import plan_eval_data
-from lejepa_platform.run.storage import absolute_storage, read_run_record, run_exists
+from lejepa_platform.run.storage import absolute_storage, read_run_record, recorded_tracking_uri, run_exists
 from lejepa_platform.tracking import resolve_tracking_uri
 from lejepa_platform.train.loop import WorkerPlan
 
@@ -79,7 +79,7 @@ def prepare(cfg: RunConfig, *, resume: str | None = None) -> RunPlan:
     name = resume or cfg.train.name or time.strftime("lejepa-%Y%m%d-%H%M%S")
     if resume:
         record = read_run_record(storage, name)
-        tracking_uri, run_id = record["tracking_uri"], record["mlflow_run_id"]
+        tracking_uri, run_id = recorded_tracking_uri(record["tracking_uri"], cfg.track.uri), record["mlflow_run_id"]
     elif run_exists(storage, name):
         raise UserError(f"a run named {name!r} already exists under {storage}; use --resume {name} or another train.name")
     else:

@@ -1,6 +1,7 @@
 """What the worker loop keeps besides the step: the run's pace (schedule, time budget, stop
-requests, agreed across ranks at logging steps), metric rows written exactly once, the rank's
-progress (steps, data position, throughput window) and the audit log of record ids.
+requests, agreed across ranks at logging steps), the rank's progress (steps, data position,
+throughput window) and the audit log of record ids (metric rows go through tracking's
+MetricsOutbox: train/reports.py).
 
 No step waits on the device or on other ranks for bookkeeping: ranks agree once per logging step
 (one small all-reduce, where the step's metrics are read anyway) on the training time, the time per
@@ -22,10 +23,10 @@ import torch.distributed
 
 from lejepa_platform.config import RunConfig
 from lejepa_platform.data.stream import StreamPosition
-from lejepa_platform.tracking import Tracker
 from lejepa_platform.train.step import schedule_position
 
 LOSS_KEY = "loss/total"
+"""The metric every logged row carries: the run's last step in MLflow is read from it."""
 
 
 def is_logged(step: int, cfg: RunConfig) -> bool:
@@ -129,35 +130,6 @@ class Pace:
         self._trained_s, self._step_s, self._stopping = values[0], values[1], values[2] > 0
         self._agreed_step, self._agreed_at = step, time.perf_counter()
         self._agreements += 1
-
-
-class MetricRows:
-    """Exactly-once metric rows across restarts: rows are kept pending until the checkpoint that
-    covers them has been reported (they travel inside it), then written; a step the tracker already
-    holds is never written again. That covers rows logged after a checkpoint was reported but before
-    Ray Train registered it (the run resumes from an earlier checkpoint and recomputes them) and
-    the rows of the checkpoint a restart begins from, written here if the tracker lacks them."""
-
-    def __init__(self, tracker: Tracker, replay: list[dict[str, float]]) -> None:
-        self._tracker = tracker
-        self._last = max((s for s, _ in tracker.history(LOSS_KEY)), default=0)
-        self.pending: list[dict[str, float]] = []
-        self._write(replay)
-
-    def add(self, row: dict[str, float]) -> None:
-        self.pending.append(row)
-
-    def flush(self) -> None:
-        """Write the pending rows (call after the checkpoint holding them was reported)."""
-        self._write(self.pending)
-        self.pending = []
-
-    def _write(self, rows: list[dict[str, float]]) -> None:
-        for row in rows:
-            step = int(row["step"])
-            if step > self._last:
-                self._tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-                self._last = step
 
 
 class IdLog:

@@ -2,7 +2,8 @@
 
 Set up (model, optimizer, the restored checkpoint, the rank's stream from its data position), then
 for each batch: plan the step (`Pace`), take it (`train_step`), account for it (`Progress`), and on
-logging steps report (`Reports`: metrics once per step, collapse alarm, checkpoints). Between
+logging steps report (`Reports`: metric rows through an outbox that never holds up training, each
+step stored once; collapse alarm; checkpoints). Between
 logging steps nothing reads the device: a non-finite loss is recorded by `FiniteCheck` and raised
 at the next logging step, before any checkpoint, naming the first bad step.
 
@@ -69,29 +70,30 @@ def worker_loop(config: dict[str, Any]) -> None:
     model, optimizer, device = _set_up_model(plan)
     state = _restore(model, optimizer, device)
     bare = model.module if hasattr(model, "module") else model
-    reports = Reports(cfg, rank=rank, world=world, device=device, embed_dim=bare.encoder.embed_dim,
-                      tracking=(plan.tracking_uri, plan.mlflow_run_id), replay=state.pending_metrics)
-    if state.finished or state.step >= cfg.train.steps:
-        return
-    pace = Pace(cfg, trained_before_s=state.train_seconds, stop=StopRequests(plan.board, rank), world=world,
-                device=device)
-    progress = Progress(state.step, _own_position(state.positions, rank, world),
-                        IdLog.open(plan.ids_log, rank, plan.windows_per_epoch))
-    finite = FiniteCheck(device)
-    with contextlib.closing(_stream(plan, progress.position, rank, world, device)) as batches:
-        for batch in batches:
-            step = pace.plan(progress.step)
-            metrics = train_step(model, optimizer, batch, cfg=cfg, step=progress.step, device=device,
-                                 diagnostics=step.logging, position=step.position, finite=finite)
-            progress.advance(batch)
-            if step.logging:
-                finite.raise_if_nonfinite()  # before anything is reported or checkpointed
-                reports.report(metrics, step, progress, lr=optimizer.param_groups[0]["lr"],
-                               train_seconds=pace.seconds(),
-                               checkpoint=lambda: snapshot(bare, optimizer, step=progress.step,
-                                                           train_seconds=pace.seconds(), finished=step.last))
-            if step.ends:
-                return
+    with contextlib.closing(Reports(cfg, rank=rank, world=world, device=device, embed_dim=bare.encoder.embed_dim,
+                                    tracking=(plan.tracking_uri, plan.mlflow_run_id),
+                                    replay=state.pending_metrics)) as reports:
+        if state.finished or state.step >= cfg.train.steps:
+            return
+        pace = Pace(cfg, trained_before_s=state.train_seconds, stop=StopRequests(plan.board, rank), world=world,
+                    device=device)
+        progress = Progress(state.step, _own_position(state.positions, rank, world),
+                            IdLog.open(plan.ids_log, rank, plan.windows_per_epoch))
+        finite = FiniteCheck(device)
+        with contextlib.closing(_stream(plan, progress.position, rank, world, device)) as batches:
+            for batch in batches:
+                step = pace.plan(progress.step)
+                metrics = train_step(model, optimizer, batch, cfg=cfg, step=progress.step, device=device,
+                                     diagnostics=step.logging, position=step.position, finite=finite)
+                progress.advance(batch)
+                if step.logging:
+                    finite.raise_if_nonfinite()  # before anything is reported or checkpointed
+                    reports.report(metrics, step, progress, lr=optimizer.param_groups[0]["lr"],
+                                   train_seconds=pace.seconds(),
+                                   checkpoint=lambda: snapshot(bare, optimizer, step=progress.step,
+                                                               train_seconds=pace.seconds(), finished=step.last))
+                if step.ends:
+                    return
     raise RuntimeError(f"the training data stream ended at step {progress.step} of {cfg.train.steps}")
 
 

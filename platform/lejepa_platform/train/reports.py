@@ -1,8 +1,13 @@
 """What a logging step reports: one metrics row per step (global-batch values), the collapse alarm,
-and on checkpoint steps the checkpoint, with every rank's data position and the rows not yet in
-MLflow. Rank decides only the tracker (MLflow on rank 0 when the run is tracked, a null tracker
+and on checkpoint steps the checkpoint, with every rank's data position and the rows MLflow has not
+confirmed. Rank decides only where the rows go (MLflow on rank 0 when the run is tracked, nowhere
 elsewhere) and who writes the checkpoint files; every rank calls `ray.train.report` at the same
 steps, as Ray Train requires.
+
+Metric rows go through a `MetricsOutbox` (tracking/outbox.py): held until the checkpoint that covers
+them has been reported, then sent by a thread of its own, so a tracking server that restarts or is
+gone never holds up training; every checkpoint keeps the rows the store has not confirmed, and each
+step is stored exactly once across restarts.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from lejepa_platform.config import RunConfig, warmup_steps
 from lejepa_platform.console import warn
 from lejepa_platform.data.stream import StreamPosition
 from lejepa_platform.eval.geometry import CollapseAlarm
-from lejepa_platform.tracking import MLflowTracker, NullTracker, Tracker
-from lejepa_platform.train.bookkeeping import MetricRows, Progress, StepPlan
+from lejepa_platform.tracking import MetricsOutbox
+from lejepa_platform.train.bookkeeping import LOSS_KEY, Progress, StepPlan
 from lejepa_platform.train.checkpoint import TrainState, capture_rng, save_checkpoint
 
 COLLAPSE_SIGREG_PER_IMAGE = 0.1
@@ -28,15 +33,15 @@ N x distance; a Gaussian sits near 1 whatever N, a rank-1 embedding near 0.17 N,
 
 
 class Reports:
-    """The rank's side of reporting; `tracker` None or run id None: nothing goes to MLflow."""
+    """The rank's side of reporting (a run id None: nothing goes to MLflow); `close` when done."""
 
     def __init__(self, cfg: RunConfig, *, rank: int, world: int, device: torch.device, embed_dim: int,
                  tracking: tuple[str, str | None], replay: list[dict[str, float]]) -> None:
         uri, run_id = tracking
         self._cfg, self._rank, self._world, self._device = cfg, rank, world, device
-        self.tracker: Tracker = (MLflowTracker.start(uri, cfg.track.experiment, run_id=run_id)
-                                 if rank == 0 and run_id else NullTracker())
-        self.rows = MetricRows(self.tracker, replay)  # a restart first writes what its checkpoint holds
+        self.rows = (MetricsOutbox(uri, run_id, LOSS_KEY) if rank == 0 and run_id else MetricsOutbox.nowhere())
+        self.rows.add(replay)  # a restart first sends what its checkpoint holds and the store lacks
+        self.rows.release()
         self._alarm = CollapseAlarm(embed_dim, sigreg_max=COLLAPSE_SIGREG_PER_IMAGE * cfg.data.batch_size)
 
     def report(self, metrics: dict[str, torch.Tensor], plan: StepPlan, progress: Progress, *,
@@ -46,17 +51,21 @@ class Reports:
         row = self._mean_over_ranks(metrics)
         row.update({"lr": lr, "train/seconds": train_seconds, "step": step,
                     "throughput/images_per_s": progress.images_per_s(self._cfg.data.batch_size)})
-        self.rows.add(row)
+        self.rows.add([row])
         if step > warmup_steps(self._cfg):
             self._check_collapse(row)
         if step % self._cfg.train.checkpoint_every == 0 or plan.ends:
             state: TrainState = checkpoint()
-            state.pending_metrics = list(self.rows.pending)
+            state.pending_metrics = self.rows.undelivered()
             state.positions = self._all_positions(progress.position)
             self._report_with_checkpoint(row, state)
-            self.rows.flush()
+            self.rows.release()
         else:
             ray.train.report(row)
+
+    def close(self) -> None:
+        """Let the rows on their way reach the store (briefly: the last checkpoint keeps them)."""
+        self.rows.close()
 
     def _mean_over_ranks(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         """Logged values are global-batch values: per-rank terms (prediction, probe) averaged over ranks."""
@@ -72,7 +81,7 @@ class Reports:
         message = self._alarm.update(int(row["step"]), row["loss/sigreg"], row["embed/effective_rank"])
         if message:
             warn(message)
-            self.tracker.set_tags({"lejepa.collapse_alarm": message})
+            self.rows.set_tags({"lejepa.collapse_alarm": message})
 
     def _all_positions(self, position: StreamPosition) -> list[tuple[int, int]]:
         """Every rank's position, gathered on each rank (rank 0 writes them into the checkpoint)."""
