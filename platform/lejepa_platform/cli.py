@@ -36,7 +36,7 @@ def _shards_build(args: argparse.Namespace) -> dict:
 
     return build_shards(args.source, args.out, rows_per_shard=args.rows_per_shard, image_format=args.format,
                         max_side=args.max_side, test_fraction=args.test_fraction, split_seed=args.split_seed,
-                        quiet=args.json)
+                        quiet=args.json, address=args.address or os.environ.get("RAY_ADDRESS") or None)
 
 
 def _shards_inspect(args: argparse.Namespace) -> dict:
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out share recorded as a fixed, stratified train/test split (0: none); "
                         "pretraining reads the train part, evaluation scores on the test part")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--address", default=None,
+                   help="build on Ray Data on this Ray cluster (default: RAY_ADDRESS; neither: in this process; "
+                        "'local': a new local cluster)")
     p = command("inspect", _shards_inspect, "rows, classes, shards and unreadable records of a shard dir", shards_sub)
     p.add_argument("dir")
 
