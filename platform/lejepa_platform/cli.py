@@ -39,6 +39,16 @@ def _shards_build(args: argparse.Namespace) -> dict:
                         quiet=args.json, address=args.address or os.environ.get("RAY_ADDRESS") or None)
 
 
+def _embed(args: argparse.Namespace) -> dict:
+    from lejepa_platform.run.embed import embed
+
+    sizes = {"batch_size": args.batch_size, "rows_per_file": args.rows_per_file}
+    return embed(args.target, data=args.data, out=args.out, features=args.features, gpus=args.gpus,
+                 actors=args.actors, tracking_uri=args.tracking_uri, quiet=args.json,
+                 address=args.address or os.environ.get("RAY_ADDRESS") or None,
+                 **{k: v for k, v in sizes.items() if v is not None})
+
+
 def _shards_inspect(args: argparse.Namespace) -> dict:
     from lejepa_platform.data.shards import inspect_shards
 
@@ -126,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "'local': a new local cluster)")
     p = command("inspect", _shards_inspect, "rows, classes, shards and unreadable records of a shard dir", shards_sub)
     p.add_argument("dir")
+
+    p = command("embed", _embed, "embed every image of a source with a run's frozen backbone, on Ray Data, "
+                                 "into Parquet (id, label, embedding)")
+    p.add_argument("target", help="MLflow run id, run directory or checkpoint directory")
+    p.add_argument("--data", required=True, help="any source the platform reads (shards, folder, tars, Parquet, ...)")
+    p.add_argument("--out", required=True,
+                   help="directory or URI for the embeddings; an unfinished one of the same job is continued")
+    p.add_argument("--features", choices=EVAL_FEATURES, default=None,
+                   help="what to write (default: the run's eval.features, what `lejepa eval` reads)")
+    p.add_argument("--gpus", type=int, default=0, help="up to this many actors, one GPU each (0: CPU actors)")
+    p.add_argument("--actors", type=int, default=0, help="up to this many CPU actors (0: the cluster's CPUs less two)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call (default 256)")
+    p.add_argument("--rows-per-file", type=int, default=None, help="rows per Parquet file at least (default 4096)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
 
     p = command("bench", _bench, "benchmarks against a baseline, printed as ratios")
     p.add_argument("which", choices=("sigreg", "data", "step", "mfu", "e2e"))

@@ -1,7 +1,8 @@
 """A source's units as a Ray Data dataset: the reads of the cluster-scale data jobs.
 
-`UnitsDatasource` gives Ray Data one read task per unit of a plan (data/reader.py); the task runs a
-function of (unit, plan) that yields Arrow tables, so the shard build reads converted records and
+`read_units` gives Ray Data one read task per unit of a plan (data/reader.py) through
+`UnitsDatasource`; the task runs a function of (unit, plan) that yields Arrow tables, so the shard
+build reads converted records and
 `lejepa embed` reads encoded images with their place in the source, through the same reader as
 training and evaluation. `join_ray` connects a data job to its cluster.
 """
@@ -26,10 +27,9 @@ ReadUnit = Callable[[Unit, Plan], Iterator[pa.Table]]
 class UnitsDatasource(Datasource):
     """One read task per unit of `plan`, running `read(unit, plan)` (a picklable function)."""
 
-    def __init__(self, plan: Plan, read: ReadUnit, units: tuple[Unit, ...] | None = None) -> None:
+    def __init__(self, plan: Plan, read: ReadUnit) -> None:
         super().__init__()
         self.plan, self.read = plan, read
-        self.units = plan.units if units is None else units
 
     def get_name(self) -> str:
         return "ReadUnits"
@@ -44,7 +44,13 @@ class UnitsDatasource(Datasource):
         return [ReadTask(lambda unit=unit: read(unit, plan),
                          BlockMetadata(num_rows=unit.rows, size_bytes=None, input_files=[unit.path], exec_stats=None),
                          per_task_row_limit=per_task_row_limit)
-                for unit in self.units]
+                for unit in plan.units]
+
+
+def read_units(plan: Plan, read: ReadUnit) -> ray.data.Dataset:
+    """A dataset of `read(unit, plan)` over every unit, one block per unit read (not cut smaller:
+    units are already small, and more blocks only add per-block overhead downstream)."""
+    return ray.data.read_datasource(UnitsDatasource(plan, read), override_num_blocks=len(plan.units))
 
 
 def join_ray(address: str, *, min_cpus: int = 1) -> None:

@@ -24,14 +24,13 @@ from collections.abc import Iterable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import ray
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from lejepa_platform.console import say
 from lejepa_platform.data.reader import Plan, Unit, load_unit, plan_source
-from lejepa_platform.data.ray_units import UnitsDatasource, join_ray
+from lejepa_platform.data.ray_units import join_ray, read_units
 from lejepa_platform.data.shards.convert import Conversion, check_label, convert_record, write_shard
 from lejepa_platform.data.shards.tally import Written, shard_entry
 from lejepa_platform.data.sources import SHARD_COLUMNS, RawRecord
@@ -49,7 +48,7 @@ def write_on_ray(source: str, names: Sequence[str], conversion: Conversion, rows
     join_ray(address)
     say(quiet, f"shards: {plan.rows} records in {len(plan.units)} units, converted and written by Ray Data tasks")
     read = functools.partial(converted_unit, conversion=conversion, names=tuple(names))
-    dataset = ray.data.read_datasource(UnitsDatasource(plan, read))
+    dataset = read_units(plan, read)
     dataset.context.execution_options.preserve_order = True
     sink = ShardSink(filesystem, directory, rows_per_shard, split_seed)
     dataset.write_datasink(sink)
