@@ -6,6 +6,7 @@ so decode and augmentation tests run on real content without any download.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -19,20 +20,60 @@ import pytest
 from PIL import Image
 
 
+def start_session_ray() -> None:
+    """The session's local Ray cluster: 2 CPUs, and the custom resource sweep trials hold (sweep/tune.py)."""
+    from lejepa_platform.ray_env import init_ray
+
+    init_ray(num_cpus=2, resources={"trial_driver": 2}, object_store_memory=500 * 1024**2, include_dashboard=True)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A 2-CPU local Ray cluster shared by every e2e test of the session (start-up costs seconds)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from lejepa_platform.ray_env import init_ray
-
-    # trial_driver: the custom resource sweep trials hold (see sweep/tune.py)
-    init_ray(num_cpus=2, resources={"trial_driver": 2}, object_store_memory=500 * 1024**2, include_dashboard=True)
+    start_session_ray()
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cloud(ray_cluster, tmp_path_factory) -> SimpleNamespace:
+    """A bucket behind a real S3 API, and MLflow servers that keep their artifacts in buckets.
+
+    moto's S3 server on loopback holds the bucket `lejepa`; `server` is a real `mlflow server`
+    (SQLite store) proxying artifacts to s3://lejepa/mlflow as cluster.yaml runs it, and `broken` one
+    whose artifact bucket does not exist (it may still be starting: `broken.wait_healthy()`). The S3
+    variables (`env`: endpoint, dummy credentials) are
+    set in this process for the rest of the session, together with the defaults every `lejepa`
+    process sets, and the session's Ray cluster is started again so that its workers have them too.
+    `moto` is the S3 server (`moto.frozen()`: an outage), `s3` a boto3 client for it.
+    """
+    import ray
+
+    from clusters import NO_EGRESS, mlflow_server, moto_server, s3_env
+    from lejepa_platform.cli import PROCESS_DEFAULTS
+
+    root = tmp_path_factory.mktemp("cloud")
+    with contextlib.ExitStack() as stack:
+        moto = stack.enter_context(moto_server(root / "moto"))
+        env = s3_env(moto.endpoint, root)
+        assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")  # never a real cloud endpoint
+        s3 = moto.client()
+        s3.create_bucket(Bucket="lejepa")
+        server_env = {**env, **NO_EGRESS}
+        broken = stack.enter_context(mlflow_server(root / "broken", wait=False, artifacts="s3://no-such-bucket/mlflow",
+                                                   env=server_env))
+        server = stack.enter_context(mlflow_server(root / "mlflow", artifacts="s3://lejepa/mlflow", env=server_env))
+        variables = stack.enter_context(pytest.MonkeyPatch.context())
+        for key, value in {**PROCESS_DEFAULTS, **env}.items():
+            variables.setenv(key, value)
+        ray.shutdown()
+        start_session_ray()
+        yield SimpleNamespace(moto=moto, s3=s3, env=env, server=server, broken=broken, root=root)
 
 
 @pytest.fixture(scope="session")

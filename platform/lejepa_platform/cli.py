@@ -2,24 +2,30 @@
 
 Each sub-command parses its arguments here and calls one function in the module that owns the
 work; that function returns a JSON-ready dict. `--json` prints it as JSON on stdout, otherwise it
-is rendered as YAML. Progress goes to stderr so stdout stays machine-readable.
-A `UserError` becomes one line on stderr and exit code 2; anything else is a bug and keeps its
-traceback.
+is rendered as YAML. Progress goes to stderr so stdout stays machine-readable; with `--json`,
+whatever else writes to stdout while the command runs (MLflow's "View run" lines for a tracking
+server, Ray Tune's tables, Ray's log monitor, child processes) is sent to stderr, so stdout holds
+the result alone.
+A `UserError` becomes one line on stderr and exit code 2, a failed run or tracking store one line
+and exit code 1; anything else is a bug and keeps its traceback. Every line printed has passwords
+in URIs masked.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import yaml
 
 from lejepa_platform.config import EVAL_FEATURES
-from lejepa_platform.errors import RunFailed, RunStopped, UserError
+from lejepa_platform.errors import RunFailed, RunStopped, TrackingError, UserError
+from lejepa_platform.redact import redact_uri, redact_uris
 
 Handler = Callable[[argparse.Namespace], dict]
 
@@ -199,30 +205,70 @@ def render(value: Any) -> str:
     return yaml.safe_dump(plain, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120).rstrip("\n")
 
 
+PROCESS_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+"""Environment defaults of every `lejepa` process (a user's own values win). MLflow's HTTP client
+retries a failing request for about four minutes by default; three retries fail in seconds. The
+end of a run waits for a restarting server on purpose instead (track.wait_s), and training never
+waits for it (tracking/outbox.py)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
+    for key, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
-        result = args.handler(args)
+        with _stdout_for_the_result_alone(args.json):
+            result = args.handler(args)
     except UserError as err:
-        print(f"lejepa: error: {err}", file=sys.stderr)
-        return 2
-    except RunFailed as err:
-        print(f"lejepa: run failed: {err}", file=sys.stderr)
-        return 1
+        return _fail(f"error: {err}", 2)
+    except (RunFailed, TrackingError) as err:
+        return _fail(f"{'run failed' if isinstance(err, RunFailed) else 'error'}: {err}", 1)
     except RunStopped as err:
-        print(f"lejepa: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
-        print("lejepa: interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(render(result))
+        return _fail("interrupted", 130)
+    result = redact_uris(result)
+    print(json.dumps(result, indent=2, default=str) if args.json else render(result))
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"lejepa: {redact_uri(message)}", file=sys.stderr)
+    return code
+
+
+@contextlib.contextmanager
+def _stdout_for_the_result_alone(enabled: bool) -> Iterator[None]:
+    """While inside (with `enabled`), anything written to stdout goes to stderr: Python writes
+    through sys.stdout, and native code and child processes through file descriptor 1. A Ray
+    connection the command made is closed inside, so none of Ray's threads can print after it."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    ray_before = _ray_connected()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                yield
+            finally:
+                if _ray_connected() and not ray_before:  # Ray's threads print to stdout until it is shut down
+                    sys.modules["ray"].shutdown()
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _ray_connected() -> bool:
+    """Whether this process is connected to Ray (without importing it for commands that never do)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 if __name__ == "__main__":

@@ -224,6 +224,12 @@ class TrackConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name; empty uses the train run name."""
+    wait_s: float = 120.0
+    """How long the driver waits at the end of a run for a tracking server that does not answer (one
+    restarting comes back within it) before it stops with the command that records the run later."""
+
+    def __post_init__(self) -> None:
+        _require(self.wait_s >= 0, "track.wait_s", ">= 0", self.wait_s)
 
 
 @dataclasses.dataclass(frozen=True)

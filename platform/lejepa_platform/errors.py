@@ -28,3 +28,10 @@ class RunStopped(RuntimeError):
     def __init__(self, message: str, *, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store could not be reached, or refused to record something.
+
+    The message names the store and the cause in one line; the CLI prints it and exits 1.
+    """

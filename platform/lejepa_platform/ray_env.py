@@ -41,6 +41,16 @@ def job_env_vars() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in JOB_ENV_VARS.items()}
 
 
+def on_this_node() -> dict[str, Any]:
+    """Actor options that keep an actor on the node of the process creating it. The driver's helper
+    actors ask for no CPU, so Ray places them on any node, and a worker node that goes away (a
+    reclaimed spot instance) would take the run down with them; on the driver's node they live as
+    long as the driver does."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def init_ray(address: str | None = None, **local: Any) -> None:
     """Join the cluster at `address`, or start a local one with `local` (ray.init keyword arguments);
     either way with the platform's runtime environment and without worker logs on the driver."""

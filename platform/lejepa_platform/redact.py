@@ -50,6 +50,18 @@ def redact_uri(text: str) -> str:
         lambda m: f"{m['head']}{MASK}" if m["value"] and is_secret_key(m["name"]) else m[0], text)
 
 
+def redact_uris(value: Any) -> Any:
+    """`value` with credentials in every URI inside it masked, mappings and lists walked; keys are
+    not judged (a command's result names its own fields)."""
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, Mapping):
+        return {key: redact_uris(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_uris(item) for item in value]
+    return value
+
+
 def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `params` safe to log: secret keys masked, credentials in URIs masked."""
     return {key: _redact_value(key, value) for key, value in params.items()}

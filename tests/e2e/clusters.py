@@ -4,7 +4,11 @@
   `ray start --address`, each with its own raylet, object store and CPUs. With `autoscaling`
   the head also runs an autoscaler whose "cloud" is Ray's fake multi-node provider: it adds nodes
   as local processes when work is pending and removes them once idle.
-- `mlflow_server`: a real MLflow tracking server on 127.0.0.1 with a SQLite store.
+- `mlflow_server`: a real MLflow tracking server on 127.0.0.1 with a SQLite store; its artifacts
+  in a local folder, or proxied to a bucket as cluster.yaml runs it. It can be killed and started
+  again on the same port (an outage).
+- `moto_server`: moto's S3 API on 127.0.0.1, the stand-in for a bucket (`s3_env` points every
+  client at it); it can be frozen (SIGSTOP) for an outage of the object store.
 - `pretrain_on` / `run_on`: a driver process connected to such a cluster.
 - `watch_train_workers`: which node runs each Ray Train worker, and a worker killed on cue.
 
@@ -266,15 +270,17 @@ def fake_autoscaling_config(gcs_port: int, *, head_cpus: int, worker_cpus: int, 
     }
 
 
-def start_head(*, num_cpus: int, autoscaling: dict[str, Any] | None = None) -> RayCluster:
+def start_head(*, num_cpus: int, autoscaling: dict[str, Any] | None = None,
+               env: dict[str, str] | None = None) -> RayCluster:
     """`ray start --head` in a fresh temporary directory, with free ports and its own token.
 
     `autoscaling`: keyword arguments of `fake_autoscaling_config` (worker_cpus, max_workers,
     idle_timeout_minutes); the head then runs the autoscaler with the fake provider.
+    `env`: more environment for every node and driver of the cluster (e.g. `s3_env`).
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="rt"))  # short: Ray's socket paths must fit in 107 bytes
     port, dashboard_port = free_port(), free_port()
-    client_env = quiet_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    client_env = quiet_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **(env or {}))
     head_env = dict(client_env)
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
            f"--temp-dir={temp_dir}", "--object-store-memory=200000000", "--disable-usage-stats",
@@ -325,7 +331,8 @@ try:
     result = pretrain(from_dict(RunConfig, args["config"]), resume=args["resume"], address=args["address"], quiet=True)
 except RunFailed as err:
     result = {"failed": str(err)}
-print(json.dumps(result, default=str))
+with open(args["out"], "w") as out:  # not stdout: Ray's threads print there too
+    out.write(json.dumps(result, default=str))
 """
 
 
@@ -333,16 +340,18 @@ def pretrain_on(cluster: RayCluster, cfg: RunConfig, cwd: Path, *, resume: str |
                 timeout_s: float = 240) -> dict[str, Any]:
     """Run `pretrain(cfg, resume=..., address=cluster)` in a driver process on this machine (the head).
 
-    Returns the run's summary, or {"failed": message} when it raised RunFailed. The driver's
-    stderr is kept in `cwd`/driver.log.
+    Returns the run's summary, or {"failed": message} when it raised RunFailed. What the driver
+    prints is kept in `cwd`/driver.log.
     """
-    payload = {"address": cluster.address, "config": to_dict(cfg), "resume": resume}
+    result = cwd / "driver-result.json"
+    result.unlink(missing_ok=True)
+    payload = {"address": cluster.address, "config": to_dict(cfg), "resume": resume, "out": str(result)}
     with open(cwd / "driver.log", "a") as log:
         out = subprocess.run([sys.executable, "-c", _PRETRAIN, json.dumps(payload)], env=cluster.driver_env(),
-                             cwd=cwd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout_s)
+                             cwd=cwd, stdout=log, stderr=log, text=True, timeout=timeout_s)
     if out.returncode != 0:
         raise RuntimeError(f"the driver exited with {out.returncode}:\n{(cwd / 'driver.log').read_text()[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(result.read_text())
 
 
 TRAIN_WORKER_TITLE = b"ray::RayTrainWorker"
@@ -475,7 +484,19 @@ class MLflowServer:
     """A tracking server started by `mlflow_server`; `uri` is the tracking URI for clients."""
 
     uri: str
-    process: subprocess.Popen
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start the server (again, on the same port and store: a restart after `kill`)."""
+        self.process = _start_in_new_group(self.command, self.env, self.log)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its helpers: clients get connection refused until `start`."""
+        stop_groups([self.process.pid], grace_s=0.0)
+        self.process.wait()
 
     def wait_healthy(self, timeout_s: float = 90.0) -> None:
         _wait_for(lambda: _http_ok(f"{self.uri}/health"), timeout_s, "the MLflow server",
@@ -483,8 +504,10 @@ class MLflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(directory: Path, *, wait: bool = True) -> Iterator[MLflowServer]:
-    """`mlflow server` on 127.0.0.1 with a SQLite store and artifacts under `directory`.
+def mlflow_server(directory: Path, *, wait: bool = True, artifacts: str | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[MLflowServer]:
+    """`mlflow server` on 127.0.0.1 with a SQLite store; artifacts under `directory`, or proxied
+    to `artifacts` (e.g. s3://bucket/mlflow, with `env` from `s3_env`) as cluster.yaml runs it.
 
     On entry it has answered /health, unless `wait=False` (start other things meanwhile, then
     call `wait_healthy`). The server and its helper processes are stopped together on exit.
@@ -493,12 +516,75 @@ def mlflow_server(directory: Path, *, wait: bool = True) -> Iterator[MLflowServe
     port = free_port()
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-           "--artifacts-destination", str(directory / "artifacts")]
-    server = MLflowServer(uri=f"http://127.0.0.1:{port}",
-                          process=_start_in_new_group(cmd, quiet_env(), directory / "server.log"))
+           "--artifacts-destination", artifacts or str(directory / "artifacts")]
+    server = MLflowServer(uri=f"http://127.0.0.1:{port}", command=cmd, env=quiet_env(**(env or {})),
+                          log=directory / "server.log")
+    server.start()
     try:
         if wait:
             server.wait_healthy()
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# S3
+
+
+DUMMY_SECRET = "lejepa-moto-secret-7f3a9c"
+"""The secret access key every S3 client of the tests uses: moto takes any, and tests grep for it."""
+NO_EGRESS = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
+"""For processes the tests start: boto3 and requests traffic to anything but this machine goes to a
+dead proxy, so a client that ignored the S3 endpoint fails here instead of reaching AWS."""
+
+
+def s3_env(endpoint: str, directory: Path) -> dict[str, str]:
+    """The standard variables that point pyarrow, boto3, MLflow and Ray Train at the S3 API at
+    `endpoint`, with dummy credentials; no AWS configuration file or instance metadata is read."""
+    return {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "lejepa-test",
+            "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(directory / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(directory / "no-aws-credentials")}
+
+
+@dataclasses.dataclass
+class MotoServer:
+    """moto's S3 API started by `moto_server`."""
+
+    endpoint: str
+    process: subprocess.Popen
+
+    def client(self):
+        """A boto3 S3 client for this server (explicit endpoint: it never reaches AWS)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="lejepa-test", aws_secret_access_key=DUMMY_SECRET)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The object store unreachable while inside: the server is stopped (SIGSTOP), so clients
+        connect and then get no answer until their timeouts; it resumes, state intact, on exit."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def moto_server(directory: Path) -> Iterator[MotoServer]:
+    """moto's S3 server on a free loopback port (its state lives in memory), stopped on exit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    server = MotoServer(endpoint=f"http://127.0.0.1:{port}",
+                        process=_start_in_new_group(cmd, quiet_env(), directory / "moto.log"))
+    try:
+        _wait_for(lambda: _http_ok(f"{server.endpoint}/moto-api/"), 60, "moto's S3 server",
+                  failed=lambda: server.process.poll() is not None)
         yield server
     finally:
         stop_groups([server.process.pid])

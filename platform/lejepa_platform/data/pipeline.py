@@ -42,6 +42,7 @@ import torch
 from lejepa_platform.config import DataConfig
 from lejepa_platform.data.reader import Plan, Unit, block_rows, describe, unit_rows
 from lejepa_platform.data.stream import LoadedItem, StreamPosition, block_views, load_item, rank_items, work_item
+from lejepa_platform.ray_env import on_this_node
 
 log = logging.getLogger("lejepa_platform.data")
 
@@ -72,7 +73,7 @@ class DataStats:
     """Totals of records read and skipped, collected from every task of a pipeline by a small actor."""
 
     def __init__(self) -> None:
-        self._tally = _Tally.remote()
+        self._tally = _Tally.options(**on_this_node()).remote()  # created by the driver, lives on its node
 
     def add(self, bad: Counter, records: int) -> None:
         ray.get(self._tally.add.remote({"records": records, **bad}))

@@ -36,6 +36,8 @@ from lejepa_platform.eval.features import weights_digest
 from lejepa_platform.eval.report import (PROTOCOLS, Facts, embeddings_report, evaluation_report, load_encoder,
                                          missing_labels)
 from lejepa_platform.tracking import download_artifact, find_run, log_artifacts_to_run, log_metrics_to_run, resolve_tracking_uri
+from lejepa_platform.redact import redact_uris
+from lejepa_platform.run.storage import is_remote, local_checkpoint
 from lejepa_platform.train.checkpoint import encoder_state, load_checkpoint
 
 OUT_DIR = "lejepa-eval"
@@ -153,7 +155,10 @@ def parse_protocols(text: str) -> tuple[str, ...]:
 
 def load_target(target: str, tracking_uri: str) -> tuple[RunConfig, dict[str, torch.Tensor], str | None]:
     """(config, weights, run id or None) for a checkpoint directory, a run directory (its latest
-    checkpoint) or an MLflow run id."""
+    checkpoint), either behind a URI (s3://...), or an MLflow run id."""
+    if is_remote(target):
+        with local_checkpoint(target) as directory:
+            return load_target(str(directory), tracking_uri)
     path = Path(target)
     if path.is_dir():
         checkpoints = sorted(p for p in path.glob("checkpoint_*") if p.is_dir())
@@ -193,7 +198,7 @@ def eval_from_cli(target: str, *, data: str, protocols: str | None, tracking_uri
                                   plots_dir=out)
     report.update({"target": target, "data": data})
     report_path = out / REPORT_FILE
-    report_path.write_text(json.dumps(report, indent=2))
+    report_path.write_text(json.dumps(redact_uris(report), indent=2))
     if run_id is not None:
         plots = [p for p in report["plots"].values() if p]
         log_artifacts_to_run(uri, run_id, [str(report_path), *plots], artifact_path="eval")

@@ -1,8 +1,10 @@
 """After training: attach the run's artifacts and evaluate the final backbone, on the driver.
 
-Artifacts, in this order so that a failure later still leaves the trained weights with the run:
-the final backbone as safetensors (loads into the same timm model), the loss curve (one panel per
-term), then the evaluation report with its spectrum and patch-PCA pictures. Metrics: frozen-feature
+First the metric rows the workers could not send (a tracking server that was away: they are in the
+final checkpoint), once the server answers again within track.wait_s. Then artifacts, in this
+order so that a failure later still leaves the trained weights with the run: the final backbone as
+safetensors (loads into the same timm model), the loss curve (one panel per term), then the
+evaluation report with its spectrum and patch-PCA pictures. Metrics: frozen-feature
 probes of the pretrained backbone next to the same backbone at random init and raw pixels when the
 evaluation data has labels, the label-free geometry of both backbones always, parameter count and
 a FLOPs estimate for scaling analysis.
@@ -33,6 +35,7 @@ CURVE_KEYS = ("loss/total", "loss/prediction", "loss/sigreg")
 def finalize_run(cfg: RunConfig, tracker: Tracker, checkpoint_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
     """Evaluate, log and attach; returns the summary printed by `lejepa pretrain`."""
     state, _ = load_checkpoint(checkpoint_dir)
+    tracker.deliver(state.pending_metrics, CURVE_KEYS[0], wait_s=cfg.track.wait_s)
     params = sum(v.numel() for v in backbone_state(state.model).values())
     flops = training_flops_per_image(cfg) * state.step * cfg.data.batch_size
     tracker.log_metrics({"model/params": float(params), "compute/flops": flops}, step=state.step)

@@ -8,6 +8,7 @@ and attaches the artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,10 +31,10 @@ from lejepa_platform.data.reader import UNIT_ROWS, Plan, plan_source
 from lejepa_platform.data.stream import window_units, windows_per_epoch
 from lejepa_platform.data.shards import read_manifest
 from lejepa_platform.defaults import default_run_config
-from lejepa_platform.errors import RunFailed, RunStopped, UserError
+from lejepa_platform.errors import RunFailed, RunStopped, TrackingError, UserError
 from lejepa_platform.run.evaluate import check_eval_data
 from lejepa_platform.model import check_backbone
-from lejepa_platform.ray_env import init_ray
+from lejepa_platform.ray_env import init_ray, on_this_node
 from lejepa_platform.recipes import load_recipe
 from lejepa_platform.tracking import MLflowTracker, resolve_tracking_uri, run_environment_tags
 from lejepa_platform.run.finalize import finalize_run
@@ -41,7 +42,8 @@ from lejepa_platform.train.checkpoint import load_checkpoint
 from lejepa_platform.train.loop import RECORD_IDS_ENV, worker_loop
 from lejepa_platform.run.progress import ProgressBoard, ProgressCallback, ProgressPrinter
 from lejepa_platform.run.stop import SIGNAL_EXIT_CODES, fit_with_stop_signals
-from lejepa_platform.run.storage import absolute_storage, read_run_record, run_exists, write_run_record
+from lejepa_platform.run.storage import (absolute_storage, check_unmasked, read_run_record, recorded_tracking_uri,
+                                         run_exists, write_run_record)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,21 +132,22 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     tracking_uri = resolve_tracking_uri(cfg.track.uri)
     if resume:
         record = read_run_record(storage, name)
-        tracker = MLflowTracker.start(record["tracking_uri"], cfg.track.experiment, run_id=record["mlflow_run_id"])
-        tracking_uri = record["tracking_uri"]
+        tracking_uri = recorded_tracking_uri(record["tracking_uri"], cfg.track.uri)
+        tracker = MLflowTracker.start(tracking_uri, cfg.track.experiment, run_id=record["mlflow_run_id"])
     else:
         tracker = MLflowTracker.start(tracking_uri, cfg.track.experiment, run_name=cfg.track.run_name or name,
                                       parent_run_id=parent_run_id, tags=run_environment_tags())
-        tracker.log_params(flatten(cfg))
-        tracker.log_params({"derived.per_worker_batch_size": per_worker_batch_size(cfg),
-                            "derived.warmup_steps": warmup_steps(cfg), "derived.data_rows": facts.rows})
-        tracker.log_dict(to_dict(cfg), CONFIG_FILE)
-        write_run_record(storage, name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
-                                         "tracking_uri": tracking_uri})
+        with tracker.failed_on_error():
+            tracker.log_params(flatten(cfg))
+            tracker.log_params({"derived.per_worker_batch_size": per_worker_batch_size(cfg),
+                                "derived.warmup_steps": warmup_steps(cfg), "derived.data_rows": facts.rows})
+            tracker.log_dict(to_dict(cfg), CONFIG_FILE)
+            write_run_record(storage, name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
+                                             "tracking_uri": tracking_uri})
     say(quiet, f"run {name}: MLflow run {tracker.run_id} at {tracking_uri}")
     say(quiet, f"  view it: mlflow ui --backend-store-uri {tracking_uri}")
 
-    board = ProgressBoard.remote()
+    board = ProgressBoard.options(**on_this_node()).remote()
     data_stats = DataStats()
     trainer = TorchTrainer(
         worker_loop,
@@ -192,6 +195,12 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
         data_summary = data_stats.log_summary()
         tracker.log_metrics({"data/records_read": data_summary["records"],
                              "data/records_skipped": data_summary["skipped"]}, step=summary["steps"])
+        tracker.finish("FINISHED")
+    except TrackingError as err:  # the server is away or cannot store: nothing is lost, record it later
+        with contextlib.suppress(TrackingError):
+            tracker.finish("FAILED")
+        raise RunFailed(f"{name}: training finished ({checkpoint}) but {err}; the checkpoint keeps the metrics "
+                        f"MLflow lacks: once the store works again, record the run with: {resume_hint}") from None
     except Exception as err:
         tracker.finish("FAILED")
         detail = " ".join(str(err).split())[:300] or type(err).__name__
@@ -201,7 +210,6 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     except BaseException:
         tracker.finish("KILLED")
         raise
-    tracker.finish("FINISHED")
     summary.update({"data": {"records_read": data_summary["records"], "skipped": data_summary["reasons"]},
                     "name": name, "storage": f"{storage}/{name}", "mlflow_run_id": tracker.run_id,
                     "tracking_uri": tracking_uri, "wall_time_s": round(time.monotonic() - started, 1)})
@@ -218,6 +226,7 @@ def pretrain_from_cli(recipe: str | None, *, overrides: list[str], resume: str |
         storage = absolute_storage(resolve_config(None, storage_override).train.storage_path)
         recorded = from_dict(RunConfig, read_run_record(storage, resume)["config"])
         cfg = apply_overrides(recorded, overrides)
+        check_unmasked(flatten(cfg))
         if cfg.train.workers != recorded.train.workers:
             raise UserError(f"train.workers = {cfg.train.workers} is not allowed with --resume {resume}: each rank's "
                             f"data position is in the checkpoint, so resume with train.workers = "

@@ -28,7 +28,8 @@ from lejepa_platform.recipes import load_recipe
 from lejepa_platform.sweep.analysis import analyze_from_cli
 from lejepa_platform.tracking import SWEEP_TAG, MLflowTracker, find_run, resolve_tracking_uri, run_environment_tags, search_runs
 from lejepa_platform.run.launch import preflight, pretrain
-from lejepa_platform.run.storage import absolute_storage, read_run_record, run_exists, write_run_record
+from lejepa_platform.run.storage import (absolute_storage, is_remote, read_run_record, recorded_tracking_uri,
+                                         run_exists, write_run_record)
 
 SWEEP_RECORD = "lejepa_sweep"
 TRIAL_RESOURCE = "trial_driver"
@@ -88,7 +89,7 @@ def _run_trial(params: dict[str, Any], *, base: dict, sweep_name: str, parent_ru
         # Tune saves its experiment state on a timer, so a trial that finished just before the
         # driver died can be handed out again: its MLflow run says whether it is really done.
         record = read_run_record(cfg.train.storage_path, cfg.train.name)
-        done = find_run(record["tracking_uri"], record["mlflow_run_id"])
+        done = find_run(recorded_tracking_uri(record["tracking_uri"], tracking_uri), record["mlflow_run_id"])
         if done["status"] == "FINISHED":
             tune.report(done["metrics"])
             return
@@ -149,8 +150,9 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
                "config": r.config, "last": {k: v for k, v in (r.metrics or {}).items() if k in (scfg.metric, "step")}}
               for r in grid]
     try:
-        analysis = analyze_from_cli(experiment, tracking_uri=tracking_uri, out=f"{storage}/{scfg.name}/analysis",
-                                    quiet=quiet)
+        # beside the sweep when storage is a local directory; the analysis is also attached to the parent run
+        out = None if is_remote(storage) else f"{storage}/{scfg.name}/analysis"
+        analysis = analyze_from_cli(experiment, tracking_uri=tracking_uri, out=out, quiet=quiet)
     except UserError as err:
         analysis = {"skipped": str(err)}
     parent.finish("FINISHED")

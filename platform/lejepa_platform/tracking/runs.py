@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lejepa_platform.batching import chunks
-from lejepa_platform.errors import UserError
+from lejepa_platform.errors import TrackingError, UserError
 from lejepa_platform.redact import redact_uri
 from lejepa_platform.tracking.store import METRICS_PER_BATCH, PARENT_TAG, get_run, open_client
 
@@ -38,7 +38,7 @@ def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str) -> st
     os.makedirs(dst, exist_ok=True)
     try:
         return client.download_artifacts(run_id, artifact_path, dst)
-    except (MlflowException, OSError) as err:
+    except (MlflowException, OSError, TrackingError) as err:  # a store that is down fails the listing below
         have = [f.path for f in client.list_artifacts(run_id)]
         raise UserError(f"run {run_id} has no artifact {artifact_path!r} ({type(err).__name__}); "
                         f"top-level artifacts: {', '.join(have) or 'none'}") from None

@@ -5,17 +5,25 @@ Everything goes through an explicit `MlflowClient(uri)`: the global `mlflow.set_
 exports MLFLOW_EXPERIMENT_ID, which Ray's MLflow helpers then prefer over an explicit experiment
 name, sending runs silently to the wrong experiment. `mlflow` is imported lazily, inside the
 functions that need it, so that ranks and tests that never touch a store do not pay for the import.
+
+A store that cannot be reached, or that refuses to record something (a server whose artifact
+destination fails answers HTTP 500), raises `TrackingError`: one line naming the store and the
+cause, instead of a traceback from deep inside MLflow's HTTP client.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
+import re
+import time
+from typing import Any
 
-from lejepa_platform.errors import UserError
+from lejepa_platform.errors import TrackingError, UserError
 from lejepa_platform.names import safe_name
-from lejepa_platform.redact import redact_uri
+from lejepa_platform.redact import redact_params, redact_uri
 
 PARAM_VALUE_LIMIT = 500
 """Longest param value sent: older MLflow servers refuse more (the full config is an artifact)."""
@@ -30,6 +38,24 @@ PARENT_TAG = "mlflow.parentRunId"
 """MLflow's tag nesting a run under another (the UI shows sweep trials under the sweep's run)."""
 SWEEP_TAG = "lejepa.sweep"
 """Set to "parent" on a sweep's own run; `lejepa analyze` looks for it."""
+
+
+def prepare_params(params: dict[str, Any], limit: int = PARAM_VALUE_LIMIT) -> dict[str, str]:
+    """Redacted, stringified and length-capped values: exactly what a store receives
+    (tags go through here too, with `TAG_VALUE_LIMIT`)."""
+    return {str(k): _cap(_stringify(v), limit) for k, v in redact_params(dict(params)).items()}
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -53,10 +79,98 @@ def _sqlite_path(uri: str) -> pathlib.Path | None:
     return pathlib.Path(path) if path and path != ":memory:" else None
 
 
-def open_client(uri: str):
-    import mlflow
+_ANSWERS = ("RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS")
+"""MLflow error codes that are a working store's answer (no such run, already there), not a failure."""
+_ACTIONS = {"log_artifact": "store an artifact", "log_artifacts": "store artifacts", "log_batch": "record values",
+            "download_artifacts": "read an artifact", "list_artifacts": "list artifacts",
+            "set_terminated": "set the run's status", "update_run": "set the run's status",
+            "get_metric_history": "read a metric"}
+_ARTIFACT_HINT = ("the server writes artifacts to its --artifacts-destination and its log says why: check that the "
+                  "bucket exists, that the server has credentials for it and that boto3 is installed where it runs")
 
-    return mlflow.MlflowClient(tracking_uri=uri)
+
+class _Client:
+    """An MlflowClient whose failures to reach or write the store raise `TrackingError`."""
+
+    def __init__(self, uri: str) -> None:
+        import mlflow
+
+        self._client, self._uri = mlflow.MlflowClient(tracking_uri=uri), uri
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except Exception as err:
+                if not _is_failure(err):
+                    raise
+                raise TrackingError(_failure_message(self._uri, name, err)) from None
+
+        return call
+
+
+def open_client(uri: str) -> _Client:
+    """The MLflow client for `uri`; its calls raise TrackingError when the store fails."""
+    return _Client(uri)
+
+
+def _is_failure(err: Exception) -> bool:
+    """A failure to reach or write the store (not a bug, not a store's answer such as "no such run")."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return getattr(err, "error_code", "") not in _ANSWERS
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "boto3")
+
+
+def _failure_message(uri: str, method: str, err: Exception) -> str:
+    """One line: which store, what it could not do, and why."""
+    action = _ACTIONS.get(method, method.replace("_", " "))
+    cause = _describe_failure(err)
+    hint = f"; {_ARTIFACT_HINT}" if "artifact" in method and re.search(r"HTTP 5\d\d", cause) else ""
+    return f"MLflow store {redact_uri(uri)} could not {action}: {cause}{hint}"
+
+
+def _describe_failure(err: BaseException) -> str:
+    """The cause of a failed store call in a few words (MLflow's own message is a page of URLs)."""
+    text = " ".join(str(err).split())
+    status = re.search(r"too many (\d{3}) error responses", text)
+    if status:
+        return f"HTTP {status.group(1)} (retried)"
+    for pattern, words in ((r"Connection refused", "connection refused"),
+                           (r"[Tt]imed? ?out|timeout", "no answer (timed out)"),
+                           (r"Name or service not known|Could not resolve|getaddrinfo failed", "unknown host")):
+        if re.search(pattern, text):
+            return words
+    return redact_uri(text)[:300] or type(err).__name__
+
+
+def wait_for_server(uri: str, wait_s: float) -> None:
+    """Return once the tracking server at `uri` answers (its /health); TrackingError once it has
+    not answered for `wait_s` seconds. Stores that are not servers (SQLite files) return at once."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or \
+        os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() not in ("true", "1")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            status = requests.get(f"{uri.rstrip('/')}/health", timeout=5, verify=verify).status_code
+            if status < 500:
+                return
+            cause = f"HTTP {status}"
+        except requests.RequestException as err:
+            cause = _describe_failure(err)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TrackingError(f"MLflow server {redact_uri(uri)} did not answer for {wait_s:g} s: {cause}")
+        time.sleep(min(2.0, left))
 
 
 def _is_missing(err: Exception) -> bool:

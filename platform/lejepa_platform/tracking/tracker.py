@@ -1,26 +1,29 @@
 """The `Tracker` interface and its three implementations.
 
-Training code sees only `Tracker`. Rank 0 gets an `MLflowTracker`, every other rank a
-`NullTracker`, and tests an `InMemoryTracker`, so no `if rank == 0` is scattered around and the
-loop runs without an MLflow store.
+The driver records a run through a `Tracker`: an `MLflowTracker` for real runs, a `NullTracker`
+where nothing is recorded and an `InMemoryTracker` in tests. (Rank 0 of the training workers sends
+its metric rows through a `MetricsOutbox` instead: outbox.py says why.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from lejepa_platform.batching import chunks
 from lejepa_platform.console import warn
-from lejepa_platform.errors import UserError
+from lejepa_platform.errors import TrackingError, UserError
 from lejepa_platform.redact import redact_params
+from lejepa_platform.tracking.outbox import STAMP, STEP, last_step, send_rows, send_tags, stamped
 from lejepa_platform.tracking.runs import last_per_step, metric_history
-from lejepa_platform.tracking.store import (METRICS_PER_BATCH, PARAM_VALUE_LIMIT, PARAMS_PER_BATCH, PARENT_TAG, STATUSES,
-                                            TAG_VALUE_LIMIT, experiment_id_for, get_run, open_client)
+from lejepa_platform.tracking.store import (METRICS_PER_BATCH, PARAMS_PER_BATCH, PARENT_TAG, STATUSES, TAG_VALUE_LIMIT,
+                                            experiment_id_for, get_run, open_client, prepare_params, wait_for_server)
 
 
 class Tracker(Protocol):
@@ -46,23 +49,7 @@ class Tracker(Protocol):
 
     def history(self, key: str) -> list[tuple[int, float]]: ...
 
-
-def prepare_params(params: dict[str, Any], limit: int = PARAM_VALUE_LIMIT) -> dict[str, str]:
-    """Redacted, stringified and length-capped values: exactly what a store receives
-    (tags go through here too, with `TAG_VALUE_LIMIT`)."""
-    return {str(k): _cap(_stringify(v), limit) for k, v in redact_params(dict(params)).items()}
-
-
-def _stringify(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, sort_keys=True, default=str)
-    return str(value)
-
-
-def _cap(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    def deliver(self, rows: list[dict[str, float]], step_key: str, wait_s: float = 0.0) -> int: ...
 
 
 def _check_status(status: str) -> str:
@@ -97,6 +84,9 @@ class NullTracker:
     def history(self, key: str) -> list[tuple[int, float]]:
         return []
 
+    def deliver(self, rows: list[dict[str, float]], step_key: str, wait_s: float = 0.0) -> int:
+        return 0
+
 
 class InMemoryTracker:
     """Keeps what a store would receive (same redaction and stringification) in plain containers."""
@@ -126,13 +116,20 @@ class InMemoryTracker:
         self.artifacts.append((path, artifact_path))
 
     def log_dict(self, obj: dict, name: str) -> None:
-        self.dicts[name] = json.loads(json.dumps(obj, default=str))
+        self.dicts[name] = json.loads(json.dumps(redact_params(obj), default=str))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.status = _check_status(status)
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return last_per_step(self.metrics.get(key, []))
+
+    def deliver(self, rows: list[dict[str, float]], step_key: str, wait_s: float = 0.0) -> int:
+        last = max((step for step, _ in self.history(step_key)), default=0)
+        new = [row for row in rows if int(row[STEP]) > last]
+        for row in new:
+            self.log_metrics({k: v for k, v in row.items() if k not in (STEP, STAMP)}, int(row[STEP]))
+        return len(new)
 
 
 class MLflowTracker:
@@ -192,11 +189,7 @@ class MLflowTracker:
             self.open_client.log_batch(self.run_id, metrics=chunk)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        batch = [RunTag(k, v) for k, v in prepare_params(tags, TAG_VALUE_LIMIT).items()]
-        for chunk in chunks(batch, PARAMS_PER_BATCH):
-            self.open_client.log_batch(self.run_id, tags=chunk)
+        send_tags(self.open_client, self.run_id, tags)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         if not os.path.exists(path):
@@ -207,15 +200,36 @@ class MLflowTracker:
             self.open_client.log_artifact(self.run_id, path, artifact_path)
 
     def log_dict(self, obj: dict, name: str) -> None:
-        """Write `obj` as JSON to the artifact file `name` (e.g. "config.json")."""
+        """Write `obj`, secrets masked (redact.py), as JSON to the artifact file `name` (e.g. "config.json")."""
         with tempfile.TemporaryDirectory() as tmp:
             target = pathlib.Path(tmp) / pathlib.PurePosixPath(name).name
-            target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            target.write_text(json.dumps(redact_params(obj), indent=2, sort_keys=True, default=str))
             parent = str(pathlib.PurePosixPath(name).parent)
             self.open_client.log_artifact(self.run_id, str(target), None if parent == "." else parent)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.open_client.set_terminated(self.run_id, _check_status(status))
+
+    def deliver(self, rows: list[dict[str, float]], step_key: str, wait_s: float = 0.0) -> int:
+        """Send the metric rows (each with a "step") past the run's last `step_key` step, after
+        waiting up to `wait_s` for a server that does not answer; returns how many were sent. Rows
+        the store already holds with the same stamps are stored once (outbox.py)."""
+        wait_for_server(self.tracking_uri, wait_s)
+        last = last_step(self.open_client, self.run_id, step_key)
+        new = [stamped(row) for row in rows if int(row[STEP]) > last]
+        send_rows(self.open_client, self.run_id, new, last)
+        return len(new)
+
+    @contextlib.contextmanager
+    def failed_on_error(self) -> Iterator[None]:
+        """Inside: anything raised marks the run FAILED first (when the store still answers), so a
+        run whose set-up failed is not left looking alive."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(TrackingError):
+                self.finish("FAILED")
+            raise
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return metric_history(self.tracking_uri, self.run_id, key)

@@ -1,9 +1,10 @@
 """Checkpoint files: everything a run needs to continue exactly, loadable with weights_only=True.
 
 A checkpoint directory holds `state.pt` (model + probe, optimizer, step, RNG, training time,
-whether the run has ended, every rank's data position, metric rows not yet in MLflow) and `config.json` (the resolved
-RunConfig). `state.pt` is written under a temporary name and renamed, so a crash never leaves a
-file that looks complete; Ray Train then copies the directory into storage only after it is whole.
+whether the run has ended, every rank's data position, metric rows not yet in MLflow) and
+`config.json` (the resolved RunConfig, passwords in URIs masked). `state.pt` is written under a
+temporary name and renamed, so a crash never leaves a file that looks complete; Ray Train then
+copies the directory into storage only after it is whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lejepa_platform.artifacts import CONFIG_FILE
 from lejepa_platform.config import RunConfig, to_dict
 from lejepa_platform.overrides import from_dict
 from lejepa_platform.errors import UserError
+from lejepa_platform.redact import redact_params
 
 STATE_FILE = "state.pt"
 
@@ -57,7 +59,7 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, cfg: RunCon
         "positions": [list(p) for p in state.positions],
     }
     _atomic_write(path / STATE_FILE, lambda f: torch.save(payload, f))
-    _atomic_write(path / CONFIG_FILE, lambda f: f.write(json.dumps(to_dict(cfg), indent=2).encode()))
+    _atomic_write(path / CONFIG_FILE, lambda f: f.write(json.dumps(redact_params(to_dict(cfg)), indent=2).encode()))
     return path
 
 

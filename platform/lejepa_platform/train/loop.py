@@ -1,13 +1,14 @@
 """The Ray Train worker loop: one function run by every rank.
 
-Rank is read once here and decides only two things: which tracker the rank gets (MLflow on rank
-0, a null tracker elsewhere) and who writes the checkpoint files. Every rank calls
+Rank is read once here and decides only two things: where the rank's metric rows go (MLflow on
+rank 0, nowhere elsewhere) and who writes the checkpoint files. Every rank calls
 `ray.train.report` at the same steps, as Ray Train requires.
 
-Exactly-once metrics across restarts: rows are kept in `pending` and written to MLflow only after
-the checkpoint that covers them has been reported; the rows also travel inside that checkpoint.
-After a restart, rank 0 writes the checkpoint's rows that MLflow does not have yet, recomputes the
-steps after the checkpoint, and never writes a step MLflow already holds.
+Exactly-once metrics across restarts: rows are held in a `MetricsOutbox` and sent to MLflow only
+after the checkpoint that covers them has been reported, by the outbox's own thread, so a tracking
+server that restarts or disappears never holds up training; every checkpoint carries the rows the
+store has not confirmed yet. After a restart, rank 0 sends the checkpoint's rows again, recomputes
+the steps after the checkpoint, and never writes a step MLflow already holds (tracking/outbox.py).
 
 The run's length: exactly train.steps optimizer steps, or, under train.time_budget_s, fewer when
 the budget runs out first (`step.schedule_position` decides; the training time so far travels in
@@ -39,7 +40,7 @@ from lejepa_platform.overrides import from_dict
 from lejepa_platform.data.pipeline import rank_batches
 from lejepa_platform.data.stream import StreamPosition
 from lejepa_platform.eval.geometry import CollapseAlarm
-from lejepa_platform.tracking import MLflowTracker, NullTracker, Tracker
+from lejepa_platform.tracking import MetricsOutbox
 from lejepa_platform.train.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from lejepa_platform.train.step import Pretrainer, make_optimizer, schedule_position, train_step
 
@@ -66,9 +67,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     bare = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(bare, cfg)
     step, trained_before, finished = 0, 0.0, False
-    tracker: Tracker = (MLflowTracker.start(loop_config["tracking_uri"], cfg.track.experiment,
-                                            run_id=loop_config["mlflow_run_id"])
-                        if rank == 0 and loop_config.get("mlflow_run_id") else NullTracker())
+    outbox = (MetricsOutbox(loop_config["tracking_uri"], loop_config["mlflow_run_id"], LOSS_KEY)
+              if rank == 0 and loop_config.get("mlflow_run_id") else MetricsOutbox.nowhere())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -77,12 +77,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
         step, trained_before, finished = state.step, state.train_seconds, state.finished
-    # Exactly once: a step MLflow already has is never written again. That covers rows logged
-    # after a checkpoint was reported but before Ray Train registered it (the run then resumes
-    # from an earlier checkpoint and recomputes them) and the checkpoint's own rows replayed here.
-    last_logged = max((s for s, _ in tracker.history(LOSS_KEY)), default=0)
-    if checkpoint is not None:
-        last_logged = _log_new_rows(tracker, state.pending_metrics, last_logged)
+    if checkpoint is not None:  # its rows the store may lack; steps it already holds are never sent again
+        outbox.add(state.pending_metrics)
+        outbox.release()
 
     per_worker = per_worker_batch_size(cfg)
     alarm = CollapseAlarm(bare.encoder.embed_dim, sigreg_max=COLLAPSE_SIGREG_PER_IMAGE * cfg.data.batch_size)
@@ -93,7 +90,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                            stats=loop_config.get("data_stats"))
     ids_log = IdLog.open(loop_config.get("ids_log"), rank, loop_config["windows_per_epoch"])
     stop = StopRequests(loop_config.get("board"), rank=rank, world=world, device=device)
-    pending: list[dict[str, float]] = []
     clock = TrainingClock(trained_before, agree_across_ranks=cfg.train.time_budget_s > 0 and world > 1, device=device)
     window_start, window_steps = time.perf_counter(), 0
     finished = finished or step >= cfg.train.steps
@@ -116,22 +112,23 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         row["throughput/images_per_s"] = window_steps * per_worker * world / max(elapsed, 1e-9)
         row["train/seconds"] = clock.seconds()
         row["step"] = step
-        pending.append(row)
+        outbox.add([row])
         if step > warmup_steps(cfg):
-            _check_collapse(alarm, row, tracker)
+            _check_collapse(alarm, row, outbox)
         window_start, window_steps = time.perf_counter(), 0  # reporting time counts in the next window
         if step % cfg.train.checkpoint_every == 0 or finished or stopping:
             snapshot = TrainState(model=bare.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                  rng=capture_rng(), pending_metrics=list(pending), train_seconds=clock.seconds(),
-                                  finished=finished, positions=_all_positions(position, rank, world, device))
+                                  rng=capture_rng(), pending_metrics=outbox.undelivered(),
+                                  train_seconds=clock.seconds(), finished=finished,
+                                  positions=_all_positions(position, rank, world, device))
             _report_with_checkpoint(row, snapshot, cfg, rank)
-            last_logged = _log_new_rows(tracker, pending, last_logged)
-            pending = []
+            outbox.release()
         else:
             ray.train.report(row)
         if finished or stopping:
             stream_ended = False
             break
+    outbox.close()
     if stream_ended and not finished:
         raise RuntimeError(f"the training data stream ended at step {step} of {cfg.train.steps}")
 
@@ -242,12 +239,12 @@ def _is_logged(step: int, cfg: RunConfig) -> bool:
     return step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
 
 
-def _check_collapse(alarm: CollapseAlarm, row: dict[str, float], tracker: Tracker) -> None:
+def _check_collapse(alarm: CollapseAlarm, row: dict[str, float], outbox: MetricsOutbox) -> None:
     """Warn once (worker log + an MLflow tag) when SIGReg or the effective rank says collapse."""
     message = alarm.update(int(row["step"]), row["loss/sigreg"], row["embed/effective_rank"])
     if message:
         warn(message)
-        tracker.set_tags({"lejepa.collapse_alarm": message})
+        outbox.set_tags({"lejepa.collapse_alarm": message})
 
 
 def _report_with_checkpoint(row: dict[str, float], state: TrainState, cfg: RunConfig, rank: int) -> None:
@@ -260,15 +257,6 @@ def _report_with_checkpoint(row: dict[str, float], state: TrainState, cfg: RunCo
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _log_new_rows(tracker: Tracker, rows: list[dict[str, float]], last_logged: int) -> int:
-    """Write the rows past `last_logged` to the tracker; returns the new last logged step."""
-    for row in rows:
-        if int(row["step"]) > last_logged:
-            tracker.log_metrics(_without_step(row), step=int(row["step"]))
-            last_logged = int(row["step"])
-    return last_logged
-
-
 def _mean_over_ranks(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:
     """Logged values are global-batch values: per-rank terms (prediction, probe) averaged over ranks."""
     keys = sorted(metrics)
@@ -277,7 +265,3 @@ def _mean_over_ranks(metrics: dict[str, torch.Tensor], world: int) -> dict[str, 
         torch.distributed.all_reduce(values)
         values /= world
     return dict(zip(keys, values.tolist()))
-
-
-def _without_step(row: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in row.items() if k != "step"}
