@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=0, help="up to this many actors, one GPU each (0: CPU actors)")
     p.add_argument("--actors", type=int, default=0, help="up to this many CPU actors (0: the cluster's CPUs less two)")
     p.add_argument("--batch-size", type=int, default=None, help="images per model call (default 256)")
-    p.add_argument("--rows-per-file", type=int, default=None, help="rows per Parquet file at least (default 4096)")
+    p.add_argument("--rows-per-file", type=int, default=None, help="rows per Parquet file (default 4096)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")

@@ -4,7 +4,8 @@ The plan: the source's units read by Ray Data read tasks (data/embeddings.py `ra
 image turned into its evaluation view by Ray Data tasks (`view_batch`: the decoding and centre
 crop of `lejepa eval`), the backbone in an autoscaling Ray Data actor pool (`Embedder`, 1 to
 `actors` actors, one GPU each with `gpus`) reading the features `lejepa eval` reads
-(eval/features.py), and the rows written as Parquet under OUT/data by Ray Data's Parquet writer.
+(eval/features.py), the rows regrouped into blocks of `rows_per_file` (Ray Data's streaming
+repartition) and each block written as one Parquet file under OUT/data by Ray Data's Parquet writer.
 
 Exactly once: the dataset carries Ray Data's write checkpoint (`ray.data.checkpoint.CheckpointConfig`
 on the `id` column, under OUT/.checkpoint). Each write task records the ids it is about to write as
@@ -55,7 +56,8 @@ from lejepa_platform.tracking import resolve_tracking_uri
 BATCH_SIZE = 256
 """Images per batch an embedding actor runs (the batch `lejepa eval` embeds with)."""
 ROWS_PER_FILE = 4096
-"""Rows per written Parquet file at least (the work a killed job can lose per write task)."""
+"""Rows per written Parquet file (the last ones of a job may hold fewer): the most work a killed job
+loses per write task."""
 MIN_LOCAL_CPUS = 3
 """CPUs a local cluster started by `lejepa embed` offers at least: an embedding actor, Ray's
 checkpoint filter actor on a resumed job, and the tasks that read, decode and write."""
@@ -156,10 +158,11 @@ def _write(plan: Plan, data: str, folder: EmbeddingsDir, spec: _Spec, pool: tupl
                                  batch_size=batch_size, batch_format="numpy",
                                  compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool[0]),
                                  **({"num_gpus": 1} if pool[1] else {"num_cpus": 1}))
-    embedded.context.checkpoint_config = CheckpointConfig(
+    files = embedded.repartition(target_num_rows_per_block=rows_per_file)  # streaming: one file per block
+    files.context.checkpoint_config = CheckpointConfig(
         id_column="id", checkpoint_path=folder.path(CHECKPOINT_DIR), delete_checkpoint_on_success=False,
         override_filesystem=folder.filesystem)
-    embedded.write_parquet(folder.path(DATA_DIR), filesystem=folder.filesystem, min_rows_per_file=rows_per_file)
+    files.write_parquet(folder.path(DATA_DIR), filesystem=folder.filesystem, min_rows_per_file=rows_per_file)
 
 
 def _pool(gpus: int, actors: int) -> tuple[int, int]:
