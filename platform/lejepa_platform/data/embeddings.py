@@ -113,8 +113,9 @@ class EmbeddingsDir:
     def finish(self, manifest: dict) -> None:
         """Write the manifest (from now on OUT reads as complete), then drop the job's working files."""
         self._put(MANIFEST, manifest)
-        self.filesystem.delete_dir(f"{self.root}/{CHECKPOINT_DIR}")
-        self.filesystem.delete_file(f"{self.root}/{JOB_FILE}")
+        for name, delete in ((CHECKPOINT_DIR, self.filesystem.delete_dir), (JOB_FILE, self.filesystem.delete_file)):
+            if self.filesystem.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound:
+                delete(f"{self.root}/{name}")
 
     def remove(self) -> None:
         """Delete OUT and everything in it (a job that wrote nothing worth keeping)."""
