@@ -153,6 +153,17 @@ def test_embed_writes_one_row_per_image_and_eval_on_it_equals_eval_on_the_images
     assert on_embeddings["models"]["random_init"] is None and on_embeddings["geometry"]["random_init"] is None
 
 
+def test_embed_into_a_bucket_and_eval_reads_it_there(cloud, pretrained, tmp_path, monkeypatch):
+    summary = embed(pretrained["run"], data=pretrained["shards"], out="s3://lejepa/jobs/emb", quiet=True,
+                    features="embedding")
+    assert (summary["count"], summary["dimension"]) == (IMAGES - len(UNREADABLE), pretrained["embed_dim"])
+    keys = [o["Key"] for o in cloud.s3.list_objects_v2(Bucket="lejepa", Prefix="jobs/emb/")["Contents"]]
+    assert "jobs/emb/manifest.json" in keys and not [k for k in keys if "/.checkpoint/" in k or ".job.json" in k]
+    monkeypatch.chdir(tmp_path)
+    report = eval_from_cli(pretrained["run"], data="s3://lejepa/jobs/emb", protocols="knn", tracking_uri=None)
+    assert report["features_from"] == "embeddings" and report["num_test"] + report["num_train"] == summary["count"]
+
+
 def committed_checkpoints(out: Path) -> list[str]:
     folder = out / CHECKPOINT_DIR
     return [p.name for p in folder.iterdir() if ".pending." not in p.name] if folder.is_dir() else []
