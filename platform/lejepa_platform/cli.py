@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
 
     p = command("bench", _bench, "benchmarks against a baseline, printed as ratios")
-    p.add_argument("which", choices=("sigreg", "data", "step", "mfu", "e2e"))
+    p.add_argument("which", choices=("sigreg", "data", "step", "mfu", "e2e", "shards", "embed"))
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--compile", action="store_true", help="step: train with the encoder compiled (train.compile)")
     p.add_argument("--seconds", type=float, default=None,
