@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from lejepa_platform.data.reader import Plan, Unit, eval_views, load_unit, plan_source
 from lejepa_platform.data.shards import split_mask
+from lejepa_platform.data.shards.destination import entries
 from lejepa_platform.data.sources import MANIFEST, is_uri, locate
 from lejepa_platform.errors import UserError
 
@@ -54,13 +55,8 @@ class EmbeddingsDir:
     def state(self, job: dict) -> str:
         """"new" (OUT is empty or absent), "resume" (an unfinished run of this job), "done" (this job,
         finished); UserError when OUT holds anything else."""
-        try:
-            info = self.filesystem.get_file_info(self.root)
-            names = ([] if info.type != pafs.FileType.Directory else
-                     [e.base_name for e in self.filesystem.get_file_info(pafs.FileSelector(self.root))])
-        except (pa.ArrowException, OSError) as err:
-            raise UserError(f"cannot open {self.where!r}: {err}") from None
-        if info.type == pafs.FileType.File:
+        names = entries(self.filesystem, self.root, self.where)
+        if names is None:
             raise UserError(f"{self.where!r} exists and is not a directory; give a new or empty directory, or "
                             f"the embeddings directory of this job to resume it")
         if not names:

@@ -44,6 +44,7 @@ from lejepa_platform.errors import UserError
 
 from lejepa_platform.data.shards.convert import (Conversion, check_label, convert_record, shard_table,
                                                  write_shard)
+from lejepa_platform.data.shards.destination import entries as listed
 from lejepa_platform.data.shards.split import split_spec
 from lejepa_platform.data.shards.tally import Written, manifest_counts
 
@@ -266,13 +267,8 @@ class _Upload:
 
     def finished(self, plan: str) -> dict | None:
         """The manifest when OUT already holds this build; UserError when it holds anything else."""
-        try:
-            info = self.filesystem.get_file_info(self.root)
-            entries = ([] if info.type != pafs.FileType.Directory else
-                       [e.base_name for e in self.filesystem.get_file_info(pafs.FileSelector(self.root))])
-        except (pa.ArrowException, OSError) as err:
-            raise UserError(f"cannot open {self.uri!r}: {err}") from None
-        if info.type == pafs.FileType.File:
+        entries = listed(self.filesystem, self.root, self.uri)
+        if entries is None:
             raise UserError(f"{self.uri!r} exists and is not a directory")
         if MANIFEST in entries:
             manifest = read_manifest(self.root, self.filesystem, where=self.uri)
