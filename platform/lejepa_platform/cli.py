@@ -42,7 +42,17 @@ def _shards_build(args: argparse.Namespace) -> dict:
 
     return build_shards(args.source, args.out, rows_per_shard=args.rows_per_shard, image_format=args.format,
                         max_side=args.max_side, test_fraction=args.test_fraction, split_seed=args.split_seed,
-                        quiet=args.json)
+                        quiet=args.json, address=args.address or os.environ.get("RAY_ADDRESS") or None)
+
+
+def _embed(args: argparse.Namespace) -> dict:
+    from lejepa_platform.run.embed import embed
+
+    sizes = {"batch_size": args.batch_size, "rows_per_file": args.rows_per_file}
+    return embed(args.target, data=args.data, out=args.out, features=args.features, gpus=args.gpus,
+                 actors=args.actors, tracking_uri=args.tracking_uri, quiet=args.json,
+                 address=args.address or os.environ.get("RAY_ADDRESS") or None,
+                 **{k: v for k, v in sizes.items() if v is not None})
 
 
 def _shards_inspect(args: argparse.Namespace) -> dict:
@@ -127,11 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out share recorded as a fixed, stratified train/test split (0: none); "
                         "pretraining reads the train part, evaluation scores on the test part")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--address", default=None,
+                   help="build on Ray Data on this Ray cluster (default: RAY_ADDRESS; neither: in this process; "
+                        "'local': a new local cluster)")
     p = command("inspect", _shards_inspect, "rows, classes, shards and unreadable records of a shard dir", shards_sub)
     p.add_argument("dir")
 
+    p = command("embed", _embed, "embed every image of a source with a run's frozen backbone, on Ray Data, "
+                                 "into Parquet (id, label, embedding)")
+    p.add_argument("target", help="MLflow run id, run directory or checkpoint directory")
+    p.add_argument("--data", required=True, help="any source the platform reads (shards, folder, tars, Parquet, ...)")
+    p.add_argument("--out", required=True,
+                   help="directory or URI for the embeddings; an unfinished one of the same job is continued")
+    p.add_argument("--features", choices=EVAL_FEATURES, default=None,
+                   help="what to write (default: the run's eval.features, what `lejepa eval` reads)")
+    p.add_argument("--gpus", type=int, default=0, help="up to this many actors, one GPU each (0: CPU actors)")
+    p.add_argument("--actors", type=int, default=0, help="up to this many CPU actors (0: the cluster's CPUs less two)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call (default 256)")
+    p.add_argument("--rows-per-file", type=int, default=None, help="rows per Parquet file (default 4096)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
+
     p = command("bench", _bench, "benchmarks against a baseline, printed as ratios")
-    p.add_argument("which", choices=("sigreg", "data", "step", "mfu", "e2e", "gpu"))
+    p.add_argument("which", choices=("sigreg", "data", "step", "mfu", "e2e", "gpu", "shards", "embed"))
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--compile", action="store_true", help="step: train with the encoder compiled (train.compile)")
     p.add_argument("--seconds", type=float, default=None,

@@ -281,8 +281,8 @@ def test_vit_features_are_the_embedding_then_the_mean_patch_token():
         probe_embedder(enc, "patches")
 
 
-REPORT_KEYS = {"schema_version", "backbone", "embed_dim", "features", "feature_dim", "image_size", "skipped",
-               "num_train", "num_test", "num_classes", "num_held_out", "protocols", "seed", "models", "lift",
+REPORT_KEYS = {"schema_version", "features_from", "backbone", "embed_dim", "features", "feature_dim", "image_size",
+               "skipped", "num_train", "num_test", "num_classes", "num_held_out", "protocols", "seed", "models", "lift",
                "geometry", "plots"}
 GEOMETRY_KEYS = {"effective_rank", "effective_rank_fraction", "sigreg", "top_eigenvalues", "per_dim_variance"}
 
@@ -294,7 +294,8 @@ def test_report_schema_lift_and_plots(tmp_path):
     report = evaluation_report(TINY_VIT, state, train, test, protocols=("linear", "knn", "fewshot"),
                                plots_dir=tmp_path)
     assert set(report) == REPORT_KEYS
-    assert report["schema_version"] == 4 and report["embed_dim"] == 24 and report["image_size"] == [16, 16]
+    assert (report["schema_version"], report["features_from"]) == (5, "images")
+    assert report["embed_dim"] == 24 and report["image_size"] == [16, 16]
     assert report["skipped"] is None and report["num_held_out"] == 30
     assert report["features"] == "embedding+patch_mean" and report["feature_dim"] == 48
     assert (report["num_train"], report["num_test"], report["num_classes"]) == (60, 30, 3)

@@ -125,7 +125,7 @@ def test_rebuild_gives_the_same_ids_and_hash_and_rerun_is_a_no_op(class_folder, 
 
 def test_interrupted_build_leaves_nothing_complete_and_resumes(class_folder, tmp_path, monkeypatch):
     clean = build_shards(str(class_folder), str(tmp_path / "clean"), image_format="png", rows_per_shard=3)
-    real, calls = shards._convert, []
+    real, calls = shards.convert_record, []
 
     def dies_on_the_eighth(record, opts):
         calls.append(record.id)
@@ -133,7 +133,7 @@ def test_interrupted_build_leaves_nothing_complete_and_resumes(class_folder, tmp
             raise KeyboardInterrupt
         return real(record, opts)
 
-    monkeypatch.setattr(shards, "_convert", dies_on_the_eighth)
+    monkeypatch.setattr(shards, "convert_record", dies_on_the_eighth)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         build_shards(str(class_folder), str(out), image_format="png", rows_per_shard=3)
@@ -141,7 +141,7 @@ def test_interrupted_build_leaves_nothing_complete_and_resumes(class_folder, tmp
     assert not out.exists()
     assert sorted(p.name for p in partial.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
     assert not (partial / "manifest.json").exists()
-    monkeypatch.setattr(shards, "_convert", real)
+    monkeypatch.setattr(shards, "convert_record", real)
     done = build_shards(str(class_folder), str(out), image_format="png", rows_per_shard=3)
     assert (done["status"], done["resumed_shards"], done["rows"]) == ("resumed", 2, 12)
     assert done["content_hash"] == clean["content_hash"] and not partial.exists()

@@ -246,9 +246,16 @@ def eval_blocks(unit: Unit, plan: Plan, size: int,
     for images, labels, _ in load_unit(unit, plan):
         for start in range(0, len(labels), UNIT_ROWS):
             part = images[start:start + UNIT_ROWS]
-            arrays, kept, bad = decode_batch(part, max_pixels, size)
-            batch = {"image": center_views(arrays, size), "label": labels[start:start + UNIT_ROWS][kept]}
+            views, kept, bad = eval_views(part, size, max_pixels)
+            batch = {"image": views, "label": labels[start:start + UNIT_ROWS][kept]}
             yield (batch if kept else None), bad, len(part)
+
+
+def eval_views(images: list, size: int, max_pixels: int) -> tuple[np.ndarray, list[int], Counter]:
+    """The evaluation view of encoded images: (uint8 (k, 3, S, S) centre crops, indices of the k
+    decoded images, skip reasons of the others)."""
+    arrays, kept, bad = decode_batch(images, max_pixels, size)
+    return center_views(arrays, size), kept, bad
 
 
 def describe(counts: Counter) -> str:

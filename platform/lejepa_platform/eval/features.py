@@ -14,6 +14,7 @@ give their embedding either way. The embedding is always the first E columns.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -72,6 +73,16 @@ def vit_patch_features(encoder: nn.Module, images_uint8: np.ndarray | torch.Tens
 
     feats = _batched(backbone.forward_features, backbone, images, 256, device, unflatten)
     return list(feats.unbind(0))
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's state (names and bytes): which weights features were computed with, the
+    same whether they were loaded from a checkpoint or a run's backbone artifact."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + b"\0")
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def is_vit(backbone: nn.Module) -> bool:

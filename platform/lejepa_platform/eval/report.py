@@ -3,11 +3,21 @@
 A number without a baseline says little: the same backbone at random initialisation and the raw
 pixels go through the same protocols on the same split, and the report states the lift.
 
-JSON schema (version 4; keys are always present, null when not applicable):
+The report is built from three parts, each its own function: the labelled protocols (probes on
+train / test features), the label-free geometry of the held-out embeddings, and the plots. The
+features come from images (`evaluation_report`: every backbone and the raw pixels) or from an
+embeddings directory `lejepa embed` wrote (`embeddings_report`: the pretrained backbone only, so
+its baselines are null).
 
-    schema_version   4 (3 had one geometry block, of the pretrained backbone, and no
-                     skipped / num_held_out; 2 had no features / feature_dim: its probes read the
-                     embedding; 1 had no linear_lr: its linear probe used one fixed learning rate)
+JSON schema (version 5; keys are always present, null when not applicable):
+
+    schema_version   5 (4 had no features_from, and its geometry always held random_init; 3 had one
+                     geometry block, of the pretrained backbone, and no skipped / num_held_out; 2 had
+                     no features / feature_dim: its probes read the embedding; 1 had no linear_lr:
+                     its linear probe used one fixed learning rate)
+    features_from    "images" (features computed here) or "embeddings" (read from `lejepa embed`'s
+                     output: models.random_init, models.raw_pixels, geometry.random_init, lift and
+                     plots.patch_pca are then null)
     backbone         timm model name (model.backbone)
     embed_dim        backbone feature dimension E
     features         what the probes of the backbones read (eval/features.py): "embedding" or
@@ -26,7 +36,8 @@ JSON schema (version 4; keys are always present, null when not applicable):
                       "random_init": METRICS or null, "raw_pixels": METRICS or null}
     lift             {"vs_random_init": LIFT or null, "vs_raw_pixels": LIFT or null}
     geometry         label-free, on the held-out embeddings (E dims, whatever the probes read):
-                     {"pretrained": GEOMETRY or null (no weights given), "random_init": GEOMETRY}
+                     {"pretrained": GEOMETRY or null (no weights given), "random_init": GEOMETRY or
+                      null (features from embeddings)}
     plots            {"spectrum": PNG path or null (both models' spectra), "patch_pca": PNG path or
                       null (ViTs only; the pretrained backbone, else the random one)};
                      written only when plots_dir is given
@@ -47,6 +58,7 @@ LIFT holds pretrained minus baseline for every METRICS key except the *_std and 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +77,7 @@ from lejepa_platform.eval.linear import linear_probe
 from lejepa_platform.eval.plots import plot_patch_pca, plot_spectrum
 from lejepa_platform.model import Encoder, build_encoder
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PROTOCOLS = ("linear", "knn", "fewshot")
 KNN_KS = (20, 200)
 FEWSHOT_SHOTS = (1, 10)
@@ -97,69 +109,151 @@ def evaluation_report(model_cfg: ModelConfig, state_dict: dict | None, train: La
     in the report; a labelled protocol on data without labels is a UserError (`missing_labels`
     tells the caller beforehand).
     """
+    check_protocols(protocols)
+    held_out, held_labels = _images(test, "test")
+    train_images, sides = _labelled_images(train, held_out, held_labels) if protocols else (None, None)
+    encoders = {"pretrained": load_encoder(model_cfg, state_dict, seed)} if state_dict is not None else {}
+    encoders["random_init"] = _seeded_encoder(model_cfg, seed, optional_kwargs={"zero_init_last": False})
+    embedders: dict[str, Any] = {**encoders, "raw_pixels": _raw_pixels} if protocols else dict(encoders)
+
+    def embed(embedder: Any, images: torch.Tensor) -> torch.Tensor:
+        return extract_features(embedder, images, features=features, device=device).to(device)
+
+    held = {name: embed(embedder, held_out) for name, embedder in embedders.items()}
+    models = {name: labelled_metrics(protocols, embed(embedder, train_images), held[name], sides, seed)
+              for name, embedder in embedders.items()} if sides else {}
+    embed_dim = encoders["random_init"].embed_dim
+    geometry, spectra = geometry_part({name: held[name][:, :embed_dim] for name in encoders}, seed)
+    shown = encoders["pretrained" if "pretrained" in encoders else "random_init"].backbone
+    plots = plots_part(spectra, plots_dir, patches=(shown, held_out[:PATCH_PCA_IMAGES], device))
+    facts = Facts(model_cfg.backbone, embed_dim, features, int(held["random_init"].shape[1]),
+                  list(held_out.shape[-2:]), "images")
+    return _report(facts, protocols, seed, sides, models, int(held_out.shape[0]), geometry, plots, skipped)
+
+
+def embeddings_report(facts: Facts, train: Split | None, test: Split, *, protocols: Sequence[str], seed: int,
+                      plots_dir: str | Path | None = None, skipped: str | None = None) -> dict:
+    """The report of the pretrained backbone from features computed before (`lejepa embed`):
+    `train` / `test` are (features (N, facts.feature_dim), labels with -1 for unlabelled); the
+    baselines, which need the images, are null. Same protocols and geometry as `evaluation_report`."""
+    check_protocols(protocols)
+    test_feats, test_labels = torch.as_tensor(test[0]), torch.as_tensor(test[1]).long()
+    models, sides = {}, None
+    if protocols:
+        if train is None:
+            raise UserError("labelled protocols need a train set")
+        train_feats, train_labels = _keep_labelled(torch.as_tensor(train[0]), torch.as_tensor(train[1]).long(), "train")
+        _keep_labelled(test_feats, test_labels, "test")
+        sides = _sides(train_labels, test_labels)
+        models = {"pretrained": labelled_metrics(protocols, train_feats, test_feats, sides, seed)}
+    geometry, spectra = geometry_part({"pretrained": test_feats[:, :facts.embed_dim]}, seed)
+    plots = plots_part(spectra, plots_dir, patches=None)
+    return _report(facts, protocols, seed, sides, models, int(test_feats.shape[0]), geometry, plots, skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the report says about the features: backbone, its embedding size E, what the probes read
+    and its size D, the evaluation image size, and where the features came from."""
+
+    backbone: str
+    embed_dim: int
+    features: str
+    feature_dim: int
+    image_size: list[int]
+    features_from: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Sides:
+    """The labels the probes use: the train rows' labels, which test rows are labelled, and theirs."""
+
+    train_labels: torch.Tensor
+    test_keep: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def check_protocols(protocols: Sequence[str]) -> None:
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad:
         raise UserError(f"unknown evaluation protocol(s) {bad}: choose from {', '.join(PROTOCOLS)}")
-    held_out, held_labels = _images(test, "test")
-    if protocols:
-        train_split = _labelled(train, "train")
-        _labelled((held_out, held_labels), "test")  # UserError when the test data has no labels
-        keep = held_labels >= 0
-        test_labels = held_labels[keep]
-        if train_split[0].shape[1:] != held_out.shape[1:]:
-            raise UserError(f"train images are {_shape(train_split[0])} but test images {_shape(held_out)}: "
-                            f"evaluation needs one image size and channel count")
 
-    encoders: dict[str, Encoder] = {}
-    if state_dict is not None:
-        encoders["pretrained"] = _load(_seeded_encoder(model_cfg, seed), state_dict, model_cfg)
-    encoders["random_init"] = _seeded_encoder(model_cfg, seed, optional_kwargs={"zero_init_last": False})
-    embed_dim = encoders["random_init"].embed_dim
-    embedders: dict[str, Any] = {**encoders, "raw_pixels": lambda x: x.flatten(1)} if protocols else dict(encoders)
 
-    models: dict[str, dict[str, float] | None] = {"pretrained": None, "random_init": None, "raw_pixels": None}
-    geometry: dict[str, dict[str, Any] | None] = {"pretrained": None, "random_init": None}
+def labelled_metrics(protocols: Sequence[str], train_feats: torch.Tensor, test_feats: torch.Tensor, sides: Sides,
+                     seed: int) -> dict[str, float]:
+    """The labelled protocols on one feature set: all its train rows, the labelled test rows."""
+    test = (test_feats[sides.test_keep.to(test_feats.device)], sides.test_labels)
+    return _protocol_metrics(protocols, (train_feats, sides.train_labels), test, seed)
+
+
+def geometry_part(held: dict[str, torch.Tensor], seed: int) -> tuple[dict[str, dict | None], dict[str, np.ndarray]]:
+    """Label-free geometry of each model's held-out embeddings (E dims): ({model: GEOMETRY or None},
+    {plot label: covariance spectrum})."""
+    geometry: dict[str, dict | None] = {"pretrained": None, "random_init": None}
     spectra: dict[str, np.ndarray] = {}
-    feature_dim = embed_dim
-    for name, embedder in embedders.items():
-        te = extract_features(embedder, held_out, features=features, device=device).to(device)
-        if name in encoders:
-            geometry[name], spectra[name.replace("_", " ")] = _geometry(te[:, :embed_dim], seed)
-            feature_dim = int(te.shape[1])
-        if protocols:
-            tr = extract_features(embedder, train_split[0], features=features, device=device).to(device)
-            models[name] = _protocol_metrics(protocols, (tr, train_split[1]), (te[keep.to(te.device)], test_labels),
-                                             seed)
+    for name, feats in held.items():
+        geometry[name], spectra[name.replace("_", " ")] = _geometry(feats, seed)
+    return geometry, spectra
 
+
+def plots_part(spectra: dict[str, np.ndarray], plots_dir: str | Path | None,
+               patches: tuple[torch.nn.Module, torch.Tensor, str | torch.device] | None) -> dict[str, str | None]:
+    """The spectrum plot, and the patch-PCA picture of (backbone, images, device) for a ViT; written
+    only when plots_dir is given."""
     plots: dict[str, str | None] = {"spectrum": None, "patch_pca": None}
-    if plots_dir is not None:
-        plots["spectrum"] = str(plot_spectrum(spectra, Path(plots_dir) / "spectrum.png"))
-        backbone = encoders["pretrained" if "pretrained" in encoders else "random_init"].backbone
-        if is_vit(backbone):
-            sample = held_out[:PATCH_PCA_IMAGES]
-            grids = vit_patch_features(backbone, sample, device=device)
-            plots["patch_pca"] = str(plot_patch_pca(grids, list(sample), Path(plots_dir) / "patch_pca.png"))
+    if plots_dir is None:
+        return plots
+    plots["spectrum"] = str(plot_spectrum(spectra, Path(plots_dir) / "spectrum.png"))
+    if patches is not None and is_vit(patches[0]):
+        backbone, sample, device = patches
+        grids = vit_patch_features(backbone, sample, device=device)
+        plots["patch_pca"] = str(plot_patch_pca(grids, list(sample), Path(plots_dir) / "patch_pca.png"))
+    return plots
 
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "backbone": model_cfg.backbone,
-        "embed_dim": embed_dim,
-        "features": features,
-        "feature_dim": feature_dim,
-        "image_size": list(held_out.shape[-2:]),
-        "skipped": None if protocols else (skipped or "no labelled protocol was asked for"),
-        "num_train": int(train_split[1].numel()) if protocols else None,
-        "num_test": int(test_labels.numel()) if protocols else None,
-        "num_classes": int(max(int(train_split[1].max()), int(test_labels.max())) + 1) if protocols else None,
-        "num_held_out": int(held_out.shape[0]),
-        "protocols": list(protocols),
-        "seed": seed,
-        "models": models,
-        "lift": {"vs_random_init": _lift(models["pretrained"], models["random_init"]),
-                 "vs_raw_pixels": _lift(models["pretrained"], models["raw_pixels"])},
-        "geometry": geometry,
-        "plots": plots,
-    }
+
+def load_encoder(model_cfg: ModelConfig, state_dict: dict, seed: int = 0) -> Encoder:
+    """The pretrained encoder: an `Encoder` state or a bare backbone state loaded strictly (UserError
+    when it does not fit model_cfg)."""
+    return _load(_seeded_encoder(model_cfg, seed), state_dict, model_cfg)
+
+
+def _report(facts: Facts, protocols: Sequence[str], seed: int, sides: Sides | None, models: dict,
+            num_held_out: int, geometry: dict, plots: dict, skipped: str | None) -> dict:
+    """The report document (module doc) from its parts."""
+    full = {"pretrained": None, "random_init": None, "raw_pixels": None, **models}
+    counts = ({"num_train": int(sides.train_labels.numel()), "num_test": int(sides.test_labels.numel()),
+               "num_classes": int(max(int(sides.train_labels.max()), int(sides.test_labels.max())) + 1)}
+              if sides else {"num_train": None, "num_test": None, "num_classes": None})
+    return {"schema_version": SCHEMA_VERSION, "features_from": facts.features_from, "backbone": facts.backbone,
+            "embed_dim": facts.embed_dim, "features": facts.features, "feature_dim": facts.feature_dim,
+            "image_size": facts.image_size,
+            "skipped": None if protocols else (skipped or "no labelled protocol was asked for"), **counts,
+            "num_held_out": num_held_out, "protocols": list(protocols), "seed": seed, "models": full,
+            "lift": {"vs_random_init": _lift(full["pretrained"], full["random_init"]),
+                     "vs_raw_pixels": _lift(full["pretrained"], full["raw_pixels"])},
+            "geometry": geometry, "plots": plots}
+
+
+def _labelled_images(train: LabelledImages | None, held_out: torch.Tensor,
+                     held_labels: torch.Tensor) -> tuple[torch.Tensor, Sides]:
+    """The labelled train images and the labels of both sides; UserError when a side has no labels
+    or the image sizes differ."""
+    train_images, train_labels = _labelled(train, "train")
+    _labelled((held_out, held_labels), "test")  # UserError when the test data has no labels
+    if train_images.shape[1:] != held_out.shape[1:]:
+        raise UserError(f"train images are {_shape(train_images)} but test images {_shape(held_out)}: "
+                        f"evaluation needs one image size and channel count")
+    return train_images, _sides(train_labels, held_labels)
+
+
+def _sides(train_labels: torch.Tensor, held_labels: torch.Tensor) -> Sides:
+    """Sides from every train row's label (labelled) and the held-out labels (-1 for unlabelled)."""
+    keep = held_labels >= 0
+    return Sides(train_labels, keep, held_labels[keep])
+
+
+def _raw_pixels(images: torch.Tensor) -> torch.Tensor:
+    return images.flatten(1)
 
 
 def missing_labels(split: LabelledImages, name: str) -> str | None:
@@ -223,12 +317,16 @@ def _labelled(split: LabelledImages | tuple | None, name: str) -> Split:
     """The split's labelled rows as (uint8 images, int64 labels); UserError when there are none."""
     if split is None:
         raise UserError(f"labelled protocols need a {name} set")
-    images, labels = _images(split, name)
+    return _keep_labelled(*_images(split, name), name)
+
+
+def _keep_labelled(rows: torch.Tensor, labels: torch.Tensor, name: str) -> Split:
+    """(rows, labels) of the labelled rows (label >= 0); UserError when there are none."""
     keep = labels >= 0
     if not bool(keep.any()):
         raise UserError(f"the {name} data has no labels (all {labels.numel()} images are label -1); "
                         f"kNN, linear and few-shot evaluation need labelled images")
-    return images[keep], labels[keep]
+    return rows[keep], labels[keep]
 
 
 def _seeded_encoder(cfg: ModelConfig, seed: int, **kwargs: Any) -> Encoder:

@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import numpy as np
 
 import torch
 from safetensors.torch import load_file
@@ -24,11 +27,14 @@ from safetensors.torch import load_file
 from lejepa_platform.artifacts import BACKBONE_FILE, CONFIG_FILE, REPORT_FILE
 from lejepa_platform.config import RunConfig
 from lejepa_platform.overrides import from_dict, set_values
-from lejepa_platform.data.evalset import EvalPlan, load_eval_splits
+from lejepa_platform.data.embeddings import is_embeddings_dir, read_embeddings
+from lejepa_platform.data.evalset import SEEDED_TEST_FRACTION, EvalPlan, load_eval_splits, seeded_test_mask
 from lejepa_platform.data.reader import plan_whole
 from lejepa_platform.errors import UserError
 from lejepa_platform.names import safe_name
-from lejepa_platform.eval.report import PROTOCOLS, evaluation_report, missing_labels
+from lejepa_platform.eval.features import weights_digest
+from lejepa_platform.eval.report import (PROTOCOLS, Facts, embeddings_report, evaluation_report, load_encoder,
+                                         missing_labels)
 from lejepa_platform.tracking import download_artifact, find_run, log_artifacts_to_run, log_metrics_to_run, resolve_tracking_uri
 from lejepa_platform.redact import redact_uris
 from lejepa_platform.run.storage import is_remote, local_checkpoint
@@ -52,23 +58,63 @@ def evaluate_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], plan: Eva
     ("split": "own" or "seeded", see data/evalset.py)."""
     size = cfg.eval.eval_size or cfg.data.global_size
     seed = cfg.train.seed
-    source = plan.source
-    reason = None
     if plan.whole.labelled == 0:
-        reason = f"{source!r} has no labels (all {plan.whole.rows} images are label -1)"
         splits = load_eval_splits(plan, size, seed=seed, need_train=False, max_rows=GEOMETRY_ROWS)
     else:
         splits = load_eval_splits(plan, size, seed=seed)
-        missing = missing_labels(splits.train, "train") or missing_labels(splits.test, "test")
-        reason = f"{source!r}: {missing}" if missing else None
-    if reason and required:
-        raise UserError(f"{reason}; the {', '.join(protocols)} evaluation needs labelled images")
-    skipped = f"labelled protocols ({', '.join(protocols)}) skipped: {reason}" if reason else None
-    report = evaluation_report(cfg.model, weights, None if reason else splits.train, splits.test,
-                               protocols=() if reason else protocols, seed=seed, features=cfg.eval.features,
+    skipped = _skip_reason(plan.source, plan.whole.labelled, plan.whole.rows, splits.train, splits.test, protocols,
+                           required)
+    report = evaluation_report(cfg.model, weights, None if skipped else splits.train, splits.test,
+                               protocols=() if skipped else protocols, seed=seed, features=cfg.eval.features,
                                plots_dir=plots_dir, skipped=skipped)
     report["split"] = splits.split
     return report
+
+
+def evaluate_embeddings(cfg: RunConfig, weights: dict[str, torch.Tensor], where: str, *, protocols: tuple[str, ...],
+                        required: bool, features: str | None, plots_dir: Path | None = None) -> dict[str, Any]:
+    """The report of the pretrained backbone from the embeddings `lejepa embed` wrote to `where`:
+    the same split as `evaluate_weights` would use on the source, the same protocols on the same
+    features, without the baselines (they need the images)."""
+    embeddings = read_embeddings(where)
+    manifest = embeddings.manifest
+    if weights_digest(load_encoder(cfg.model, weights, cfg.train.seed).backbone) != manifest["backbone_sha256"]:
+        raise UserError(f"{where!r} holds embeddings of another backbone ({manifest['run']!r}); evaluate that run, "
+                        f"or embed this one with `lejepa embed`")
+    if features is not None and features != manifest["features"]:
+        raise UserError(f"--features {features}: {where!r} holds {manifest['features']} features; leave --features "
+                        f"out, or embed with --features {features}")
+    labels, feats = embeddings.labels, torch.from_numpy(embeddings.features)
+    if manifest["split"] == "own":
+        test = np.array([side == "test" for side in embeddings.split])
+        train = np.array([side == "train" for side in embeddings.split])
+    else:
+        test = seeded_test_mask(labels, SEEDED_TEST_FRACTION, cfg.train.seed)
+        train = ~test
+    sides = {name: SimpleNamespace(labels=labels[mask]) for name, mask in (("train", train), ("test", test))}
+    skipped = _skip_reason(where, manifest["labelled"], manifest["count"], sides["train"], sides["test"], protocols,
+                           required)
+    facts = Facts(manifest["backbone"], manifest["embed_dim"], manifest["features"], manifest["dimension"],
+                  manifest["image_size"], "embeddings")
+    report = embeddings_report(facts, None if skipped else (feats[train], labels[train]), (feats[test], labels[test]),
+                               protocols=() if skipped else protocols, seed=cfg.train.seed, plots_dir=plots_dir,
+                               skipped=skipped)
+    report["split"] = manifest["split"]
+    return report
+
+
+def _skip_reason(source: str, labelled: int | None, rows: int, train: Any, test: Any, protocols: tuple[str, ...],
+                 required: bool) -> str | None:
+    """Why the labelled protocols are skipped (no labels at all, or none on one side), else None;
+    UserError instead when they were `required`."""
+    if labelled == 0:
+        reason = f"{source!r} has no labels (all {rows} images are label -1)"
+    else:
+        missing = missing_labels(train, "train") or missing_labels(test, "test")
+        reason = f"{source!r}: {missing}" if missing else None
+    if reason and required:
+        raise UserError(f"{reason}; the {', '.join(protocols)} evaluation needs labelled images")
+    return f"labelled protocols ({', '.join(protocols)}) skipped: {reason}" if reason else None
 
 
 def plan_eval_data(cfg: RunConfig) -> EvalPlan | None:
@@ -135,15 +181,23 @@ def eval_from_cli(target: str, *, data: str, protocols: str | None, tracking_uri
                   features: str | None = None) -> dict[str, Any]:
     """`lejepa eval`: report and plots under lejepa-eval/; attached to the MLflow run when given a
     run id. The probes read `features`, by default what the run's own eval.features says. Without
-    `protocols` (a comma list) the DEFAULT_PROTOCOLS run when `data` has labels."""
+    `protocols` (a comma list) the DEFAULT_PROTOCOLS run when `data` has labels. `data` may be an
+    embeddings directory of `lejepa embed`: its features are read instead of computed."""
     chosen = parse_protocols(protocols) if protocols is not None else DEFAULT_PROTOCOLS
-    plan = EvalPlan.of(plan_whole(data))  # a missing or unreadable source fails before the checkpoint is loaded
+    precomputed = is_embeddings_dir(data)
+    # a missing or unreadable source fails before the checkpoint is loaded
+    plan = None if precomputed else EvalPlan.of(plan_whole(data))
     uri = resolve_tracking_uri(tracking_uri or "")
     cfg, weights, run_id = load_target(target, uri)
-    if features is not None:
-        cfg = set_values(cfg, {"eval.features": features})
     out = Path(OUT_DIR).resolve() / safe_name(target.strip("/"))[-80:]
-    report = evaluate_weights(cfg, weights, plan, protocols=chosen, required=protocols is not None, plots_dir=out)
+    if plan is None:
+        report = evaluate_embeddings(cfg, weights, data, protocols=chosen, required=protocols is not None,
+                                     features=features, plots_dir=out)
+    else:
+        if features is not None:
+            cfg = set_values(cfg, {"eval.features": features})
+        report = evaluate_weights(cfg, weights, plan, protocols=chosen, required=protocols is not None,
+                                  plots_dir=out)
     report.update({"target": target, "data": data})
     report_path = out / REPORT_FILE
     report_path.write_text(json.dumps(redact_uris(report), indent=2))

@@ -14,7 +14,8 @@ from lejepa_platform.data.decode import BadImage, count_reasons, load_image
 from lejepa_platform.data.sources import (MANIFEST, SHARD_COLUMNS, ShardSource, is_uri, locate)
 from lejepa_platform.errors import UserError
 
-from lejepa_platform.data.shards.build import MAX_PIXELS, digest_table
+from lejepa_platform.data.shards.build import MAX_PIXELS
+from lejepa_platform.data.shards.convert import digest_table
 
 
 def _check_record(data: bytes) -> str | None:
