@@ -94,7 +94,9 @@ def test_views_augmented_on_the_trainers_device_train_the_exact_steps(ray_cluste
 
 def test_time_budget_ends_the_run_on_time_through_the_whole_schedule(ray_cluster, tmp_path):
     budget, lr = 6.0, 1e-3
-    cfg = tiny_config(tmp_path, "train.name=budget", "train.steps=100000", f"train.time_budget_s={budget}")
+    # a checkpoint only at the end: one every 5 steps takes longer than the steps between (a second or two)
+    cfg = tiny_config(tmp_path, "train.name=budget", "train.steps=100000", f"train.time_budget_s={budget}",
+                      "train.checkpoint_every=100000")
     summary = pretrain(cfg, quiet=True)
 
     steps = summary["steps"]

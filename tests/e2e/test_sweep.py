@@ -88,6 +88,9 @@ def test_killed_sweep_driver_resumes_only_the_unfinished_trials(ray_cluster, tmp
     uri, experiment = scfg.base.track.uri, scfg.base.track.experiment
     sets = [f"--set={o}" for o in [*TINY, f"base.train.storage_path={tmp_path / 'runs'}", f"base.track.uri={uri}",
                                    "base.eval.enabled=false", *(f"sweep.{o}" for o in extra)]]
+    # the store exists before the driver starts: MLflow creates a SQLite store's tables without a lock,
+    # so this test's first look and the driver's first write must not both create it
+    MlflowClient(uri).search_experiments()
     driver = subprocess.Popen([sys.executable, "-m", "lejepa_platform.cli", "sweep", "sweeps/smoke.py", *sets,
                                "--address", ray_cluster.get_runtime_context().gcs_address, "--json"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -230,6 +230,19 @@ def test_missing_things_are_user_errors(store):
         MLflowTracker.start(uri, "")
 
 
+def test_looking_up_a_store_that_does_not_exist_creates_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'typo.db'}"
+    lookups = [lambda: tracking.find_run(uri, "f" * 32), lambda: tracking.metric_history(uri, "f" * 32, "lr"),
+               lambda: tracking.log_metrics_to_run(uri, "f" * 32, {"x": 1.0}, step=0),
+               lambda: tracking.download_artifact(uri, "f" * 32, "config.json", str(tmp_path / "out"))]
+    for lookup in lookups:
+        with pytest.raises(UserError, match="no MLflow run with id 'f+': there is no MLflow store at sqlite"):
+            lookup()
+    with pytest.raises(UserError, match="no MLflow experiment 'smoke': there is no MLflow store"):
+        tracking.search_runs(uri, "smoke")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_experiment_is_reused_by_name_without_global_state(store):
     uri, _ = store
     a = MLflowTracker.start(uri, "shared")

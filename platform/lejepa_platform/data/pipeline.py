@@ -77,7 +77,7 @@ LOADED_ITEMS_KEPT = 2
 in the same process, which then reads the item's records once instead of once per block."""
 SEGMENT_BLOCKS = 512
 """Block requests per Dataset of a rank's stream."""
-IDLE_BACKOFF_S = (0.005, 0.1)
+IDLE_BACKOFF_S = (0.02, 0.2)
 """Sleep of Ray Data's scheduling loop after a step in which nothing changed: the first, doubled
 after every further such step, up to the second; back to none once something changes."""
 HOST_COLUMNS = ("uid", "item", "row")

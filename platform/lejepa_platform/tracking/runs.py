@@ -12,7 +12,7 @@ from typing import Any
 from lejepa_platform.batching import chunks
 from lejepa_platform.errors import TrackingError, UserError
 from lejepa_platform.redact import redact_uri
-from lejepa_platform.tracking.store import METRICS_PER_BATCH, PARENT_TAG, get_run, open_client
+from lejepa_platform.tracking.store import METRICS_PER_BATCH, PARENT_TAG, open_existing_store, open_run
 
 
 def _run_dict(run) -> dict[str, Any]:
@@ -25,16 +25,14 @@ def _run_dict(run) -> dict[str, Any]:
 
 def find_run(uri: str, run_id: str) -> dict[str, Any]:
     """One run: info, params, latest metrics, tags, artifact URI (times in ms since the epoch)."""
-    client = open_client(uri)
-    return _run_dict(get_run(client, uri, run_id))
+    return _run_dict(open_run(uri, run_id)[1])
 
 
 def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str) -> str:
     """Copy the artifact file or folder `artifact_path` of a run into `dst`; returns the local path."""
     from mlflow.exceptions import MlflowException
 
-    client = open_client(uri)
-    get_run(client, uri, run_id)
+    client, _ = open_run(uri, run_id)
     os.makedirs(dst, exist_ok=True)
     try:
         return client.download_artifacts(run_id, artifact_path, dst)
@@ -46,7 +44,7 @@ def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str) -> st
 
 def search_runs(uri: str, experiment: str, *, parent_run_id: str | None = None) -> list[dict[str, Any]]:
     """All active runs of `experiment` (only the children of `parent_run_id` if given), oldest first."""
-    client = open_client(uri)
+    client = open_existing_store(uri, f"no MLflow experiment {experiment!r}")
     found = client.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage == "deleted":
         names = sorted(e.name for e in client.search_experiments())
@@ -68,8 +66,7 @@ def search_runs(uri: str, experiment: str, *, parent_run_id: str | None = None) 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) sorted by step. A step logged twice (steps replayed after a resume from an
     earlier checkpoint) keeps its most recent value."""
-    client = open_client(uri)
-    get_run(client, uri, run_id)
+    client, _ = open_run(uri, run_id)
     logged = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
     return last_per_step((m.step, m.value) for m in logged)
 
@@ -82,8 +79,7 @@ def last_per_step(points: Iterable[tuple[int, float]]) -> list[tuple[int, float]
 
 def log_artifacts_to_run(uri: str, run_id: str, paths: Iterable[str], artifact_path: str | None = None) -> str:
     """Attach files to an existing run without touching its status; returns the run's artifact URI."""
-    client = open_client(uri)
-    run = get_run(client, uri, run_id)
+    client, run = open_run(uri, run_id)
     for path in paths:
         if not os.path.isfile(path):
             raise UserError(f"artifact {path!r} is not a file")
@@ -95,8 +91,7 @@ def log_metrics_to_run(uri: str, run_id: str, metrics: dict[str, float], step: i
     """Add metrics to an existing run without touching its status (e.g. a later `lejepa eval`)."""
     from mlflow.entities import Metric
 
-    client = open_client(uri)
-    get_run(client, uri, run_id)
+    client, _ = open_run(uri, run_id)
     now = int(time.time() * 1000)
     batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
     for chunk in chunks(batch, METRICS_PER_BATCH):

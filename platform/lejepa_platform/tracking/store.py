@@ -177,6 +177,21 @@ def _is_missing(err: Exception) -> bool:
     return getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
 
 
+def open_existing_store(uri: str, looking_for: str) -> _Client:
+    """A client of a store that must exist already: a lookup does not create a SQLite store (MLflow
+    would, logging its schema set-up on stderr); UserError "`looking_for`: there is no MLflow store"."""
+    db_path = _sqlite_path(uri)
+    if db_path is not None and not db_path.exists():
+        raise UserError(f"{looking_for}: there is no MLflow store at {redact_uri(uri)}")
+    return open_client(uri)
+
+
+def open_run(uri: str, run_id: str) -> tuple[_Client, Any]:
+    """A client of the store at `uri` and the run `run_id` in it; UserError when there is none."""
+    client = open_existing_store(uri, f"no MLflow run with id {run_id!r}")
+    return client, get_run(client, uri, run_id)
+
+
 def get_run(client, uri: str, run_id: str):
     from mlflow.exceptions import MlflowException
 
