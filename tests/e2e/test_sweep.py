@@ -31,25 +31,6 @@ def smoke(tmp_path: Path, *extra: str) -> SweepConfig:
         "base.eval.enabled=false", *extra])
 
 
-def test_smoke_sweep_leaves_four_child_runs_under_a_parent_with_the_analysis(ray_cluster, tmp_path):
-    scfg = smoke(tmp_path)
-    summary = sweep(scfg, quiet=True)
-
-    uri, experiment = scfg.base.track.uri, scfg.base.track.experiment
-    runs = search_runs(uri, experiment)
-    parents = [r for r in runs if r["tags"].get(SWEEP_TAG) == "parent"]
-    assert len(parents) == 1 and parents[0]["run_id"] == summary["parent_run_id"]
-    children = search_runs(uri, experiment, parent_run_id=summary["parent_run_id"])
-    assert len(children) == 4 and {c["status"] for c in children} == {"FINISHED"}
-    combos = {(c["params"]["model.backbone"], c["params"]["loss.num_slices"]) for c in children}
-    assert combos == {(b, s) for b in ("vit_tiny_patch16_224", "vit_small_patch16_224") for s in ("64", "256")}
-    assert all(c["metrics"]["model/params"] > 0 for c in children)
-    client = MlflowClient(uri)
-    assert "analysis" in {f.path for f in client.list_artifacts(summary["parent_run_id"])}
-    assert {"report.md", "analysis.json"} <= {Path(f.path).name for f in
-                                              client.list_artifacts(summary["parent_run_id"], "analysis")}
-
-
 def test_asha_stops_the_trial_built_to_lose(ray_cluster, tmp_path):
     """lam = 0.9 makes the LeJEPA loss ~10x larger than lam = 0.01 from the first report on."""
     scfg = smoke(tmp_path, "name=asha", "scheduler=asha", "grace_reports=1", "reduction_factor=2",
@@ -74,9 +55,11 @@ def test_bad_sweeps_fail_before_any_trial(ray_cluster, tmp_path, override, messa
     assert not (tmp_path / "runs" / "smoke").exists()
 
 
-def test_killed_sweep_driver_resumes_only_the_unfinished_trials(ray_cluster, tmp_path):
-    """The driver (a `lejepa sweep` process on this cluster) is SIGKILLed once one trial has
-    finished; `--resume` then completes the sweep without running that trial again."""
+def test_killed_smoke_sweep_resumes_only_the_unfinished_trials_into_one_parent_with_the_analysis(ray_cluster,
+                                                                                                 tmp_path):
+    """sweeps/smoke.py's four trials; the driver (a `lejepa sweep` process on this cluster) is
+    SIGKILLed once one trial has finished; `--resume` then completes the sweep without running that
+    trial again, under the same parent run, with the analysis attached to it."""
     import os
     import signal
     import subprocess
@@ -109,8 +92,16 @@ def test_killed_sweep_driver_resumes_only_the_unfinished_trials(ray_cluster, tmp
         driver.wait()
 
     summary = sweep(scfg, resume=True, quiet=True)
+    parents = [r for r in search_runs(uri, experiment) if r["tags"].get(SWEEP_TAG) == "parent"]
+    assert [p["run_id"] for p in parents] == [summary["parent_run_id"]]  # the resumed driver reused its parent
     children = search_runs(uri, experiment, parent_run_id=summary["parent_run_id"])
     assert len(children) == 4 and {c["status"] for c in children} == {"FINISHED"}
     assert len({c["name"] for c in children}) == 4  # one run per trial id: none started twice
     rerun = next(c for c in children if c["run_id"] == first_done["run_id"])
     assert rerun["end_time"] == first_done["end_time"]  # the finished trial was not run again
+    combos = {(c["params"]["model.backbone"], c["params"]["loss.num_slices"]) for c in children}
+    assert combos == {(b, s) for b in ("vit_tiny_patch16_224", "vit_small_patch16_224") for s in ("64", "256")}
+    assert all(c["metrics"]["model/params"] > 0 for c in children)
+    client = MlflowClient(uri)
+    assert {"report.md", "analysis.json"} <= {Path(f.path).name for f in
+                                              client.list_artifacts(summary["parent_run_id"], "analysis")}

@@ -119,7 +119,8 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
     grid = _tuner(scfg, trainable, storage=storage, max_concurrent=max_concurrent, resume=resume, quiet=quiet).fit()
 
     children = search_runs(tracking_uri, experiment, parent_run_id=parent.run_id)
-    _close_stopped_children(tracking_uri, experiment, children)
+    close_stopped_trials(tracking_uri, experiment, children,
+                            {(r.metrics or {}).get("trial_id") for r in grid if not r.error})
     trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "status": "ERROR" if r.error else "TERMINATED",
                "config": r.config, "last": {k: v for k, v in (r.metrics or {}).items() if k in (scfg.metric, "step")}}
               for r in grid]
@@ -202,9 +203,12 @@ def _open_parent_run(scfg: SweepConfig, uri: str, experiment: str, resume: bool,
     return parent
 
 
-def _close_stopped_children(uri: str, experiment: str, children: list[dict]) -> None:
-    """Trials stopped by the scheduler are killed mid-run; mark their MLflow runs KILLED."""
+def close_stopped_trials(uri: str, experiment: str, children: list[dict], ended_cleanly: set[str]) -> None:
+    """Trials stopped by the scheduler are killed mid-run: their MLflow runs say RUNNING, or FAILED
+    when the trial's process raised on its way down (its Ray Train controller dies with it, and the
+    trainer's wait for it fails). Tune knows which trials ended without an error of their own
+    (`ended_cleanly`, by trial id = child run name): those that did not finish are KILLED."""
     for child in children:
-        if child["status"] == "RUNNING":
+        if child["status"] == "RUNNING" or (child["status"] == "FAILED" and child["name"] in ended_cleanly):
             MLflowTracker.start(uri, experiment, run_id=child["run_id"]).finish("KILLED")
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterable
 from typing import Any
 
-from lejepa_platform.batching import chunks
 from lejepa_platform.errors import TrackingError, UserError
 from lejepa_platform.redact import redact_uri
-from lejepa_platform.tracking.store import METRICS_PER_BATCH, PARENT_TAG, open_existing_store, open_run
+from lejepa_platform.tracking.store import PARENT_TAG, open_existing_store, open_run, send_metrics
 
 
 def _run_dict(run) -> dict[str, Any]:
@@ -89,10 +87,5 @@ def log_artifacts_to_run(uri: str, run_id: str, paths: Iterable[str], artifact_p
 
 def log_metrics_to_run(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
     """Add metrics to an existing run without touching its status (e.g. a later `lejepa eval`)."""
-    from mlflow.entities import Metric
-
     client, _ = open_run(uri, run_id)
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
-    for chunk in chunks(batch, METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=chunk)
+    send_metrics(client, run_id, metrics, step)

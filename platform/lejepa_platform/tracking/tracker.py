@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -22,8 +21,9 @@ from lejepa_platform.errors import TrackingError, UserError
 from lejepa_platform.redact import redact_params
 from lejepa_platform.tracking.outbox import STAMP, STEP, last_step, send_rows, send_tags, stamped
 from lejepa_platform.tracking.runs import last_per_step, metric_history
-from lejepa_platform.tracking.store import (METRICS_PER_BATCH, PARAMS_PER_BATCH, PARENT_TAG, STATUSES, TAG_VALUE_LIMIT,
-                                            experiment_id_for, get_run, open_client, prepare_params, wait_for_server)
+from lejepa_platform.tracking.store import (PARAMS_PER_BATCH, PARENT_TAG, STATUSES, TAG_VALUE_LIMIT,
+                                            experiment_id_for, get_run, open_client, prepare_params, send_metrics,
+                                            wait_for_server)
 
 
 class Tracker(Protocol):
@@ -181,12 +181,7 @@ class MLflowTracker:
             self.set_tags({f"resumed.{k}": v for k, v in changed.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
-        for chunk in chunks(batch, METRICS_PER_BATCH):
-            self.open_client.log_batch(self.run_id, metrics=chunk)
+        send_metrics(self.open_client, self.run_id, metrics, step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         send_tags(self.open_client, self.run_id, tags)
