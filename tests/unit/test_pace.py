@@ -146,3 +146,23 @@ def test_a_slow_first_step_does_not_end_a_budgeted_run_early(monkeypatch):
     # 3 s + 9 x 0.5 s = 7.5 s before step 10, which ends at the 8 s budget: the last. The first
     # step alone predicted the end after step 2 (3 + 2 x 3 s); a fresh agreement corrected it.
     assert steps == 10
+
+
+def test_a_checkpoint_between_steps_does_not_end_a_budgeted_run_early(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bookkeeping.time, "perf_counter", clock)
+    cfg = config("train.steps=1000", "train.time_budget_s=20", "train.log_every=1", "train.checkpoint_every=5")
+    pace = Pace(cfg, trained_before_s=0.0, stop=StopAfter(10**6), world=1, device=torch.device("cpu"))
+    steps = 0
+    while not pace.plan(steps).last:
+        clock.now += 0.5  # the step
+        steps += 1
+        if steps % 5 == 0:
+            with pace.not_stepping():
+                clock.now += 3.0  # the checkpoint after it
+    # Step 19 (0-based) starts at 19 x 0.5 s + 3 checkpoints x 3 s = 18.5 s and is expected to end
+    # at 19 s: not the last; step 20 starts at 22 s (a checkpoint came between) and is. Counted as
+    # a step, the checkpoint after step 14 made step 15 look 3.5 s long (16.5 + 3.5 s = 20 s): the
+    # run would have ended there, with 3.5 s of its budget unused.
+    assert steps == 20
+    assert pace.seconds() == pytest.approx(22.0)

@@ -11,9 +11,11 @@ same learning-rate position, last step and stop step from those agreed numbers a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,9 @@ class Pace:
     training time, the mean time per step since the last agreement and the stop request. Until
     the next agreement, step s is planned as if it started at the agreed time plus (s - s0) agreed
     step times: under train.time_budget_s the schedule advances by whichever is further along, and
-    the step expected to end at or past the budget is the last, on every rank alike.
+    the step expected to end at or past the budget is the last, on every rank alike. Time spent in
+    `not_stepping()` (reports, checkpoints) counts as training time but not as time per step: one
+    checkpoint would otherwise make the next step look long enough to end the budget early.
     """
 
     def __init__(self, cfg: RunConfig, *, trained_before_s: float, stop: StopRequests, world: int,
@@ -92,10 +96,20 @@ class Pace:
         self._stopping = False
         self._agreements = 0
         self._agree_next = True
+        self._not_stepping_s = 0.0  # since the last agreement
 
     def seconds(self) -> float:
         """Training time so far (this rank's clock)."""
         return self._before_s if self._origin is None else time.perf_counter() - self._origin
+
+    @contextlib.contextmanager
+    def not_stepping(self) -> Iterator[None]:
+        """Work between steps (a report, a checkpoint): left out of the time per step."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._not_stepping_s += time.perf_counter() - started
 
     def plan(self, step: int) -> StepPlan:
         """The plan of optimizer step `step` (0-based), the same on every rank."""
@@ -119,7 +133,8 @@ class Pace:
         if self._origin is None:
             values = [self._before_s, 0.0]
         else:
-            values = [now - self._origin, (now - self._agreed_at) / max(step - self._agreed_step, 1)]
+            stepping_s = now - self._agreed_at - self._not_stepping_s
+            values = [now - self._origin, stepping_s / max(step - self._agreed_step, 1)]
         values.append(float(self._stop.seen()))
         if self._world > 1:  # the slowest rank's numbers, and a stop if rank 0 saw one
             agreed = torch.tensor(values, dtype=torch.float64, device=self._device)
@@ -128,7 +143,7 @@ class Pace:
         if self._origin is None:  # every rank starts counting together, once the slowest has its first batch
             self._origin = time.perf_counter() - values[0]
         self._trained_s, self._step_s, self._stopping = values[0], values[1], values[2] > 0
-        self._agreed_step, self._agreed_at = step, time.perf_counter()
+        self._agreed_step, self._agreed_at, self._not_stepping_s = step, time.perf_counter(), 0.0
         self._agreements += 1
 
 

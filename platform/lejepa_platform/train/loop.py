@@ -88,10 +88,11 @@ def worker_loop(config: dict[str, Any]) -> None:
                 progress.advance(batch)
                 if step.logging:
                     finite.raise_if_nonfinite()  # before anything is reported or checkpointed
-                    reports.report(metrics, step, progress, lr=optimizer.param_groups[0]["lr"],
-                                   train_seconds=pace.seconds(),
-                                   checkpoint=lambda: snapshot(bare, optimizer, step=progress.step,
-                                                               train_seconds=pace.seconds(), finished=step.last))
+                    with pace.not_stepping():
+                        reports.report(metrics, step, progress, lr=optimizer.param_groups[0]["lr"],
+                                       train_seconds=pace.seconds(),
+                                       checkpoint=lambda: snapshot(bare, optimizer, step=progress.step,
+                                                                   train_seconds=pace.seconds(), finished=step.last))
                 if step.ends:
                     return
     raise RuntimeError(f"the training data stream ended at step {progress.step} of {cfg.train.steps}")
