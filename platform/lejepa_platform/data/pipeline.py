@@ -197,7 +197,13 @@ def pin_ray_data_actors() -> None:
     dataset = ray.data.range(1)
     dataset.context.enable_progress_bars = False
     dataset.context.print_on_execution_start = False
-    dataset.take_all()
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its "progress bars disabled" and "execution finished" lines are noise here
+    try:
+        dataset.take_all()
+    finally:
+        logger.setLevel(level)
 
 
 def stream_block_rows(cfg: DataConfig, per_worker: int) -> int:
