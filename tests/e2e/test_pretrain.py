@@ -20,6 +20,7 @@ from lejepa_platform.overrides import apply_overrides
 from lejepa_platform.defaults import default_run_config
 from lejepa_platform.errors import UserError
 from lejepa_platform.tracking import find_run, metric_history
+from lejepa_platform.run import launch
 from lejepa_platform.run.launch import pretrain, pretrain_from_cli
 from lejepa_platform.train.step import lr_factor
 
@@ -92,7 +93,7 @@ def test_views_augmented_on_the_trainers_device_train_the_exact_steps(ray_cluste
     assert logged_steps(cfg, summary["mlflow_run_id"]) == list(range(1, 9))
 
 
-def test_time_budget_ends_the_run_on_time_through_the_whole_schedule(ray_cluster, tmp_path):
+def test_time_budget_ends_the_run_on_time_through_the_whole_schedule(ray_cluster, tmp_path, monkeypatch):
     budget, lr = 6.0, 1e-3
     # a checkpoint only at the end: one every 5 steps takes longer than the steps between (a second or two)
     cfg = tiny_config(tmp_path, "train.name=budget", "train.steps=100000", f"train.time_budget_s={budget}",
@@ -112,6 +113,7 @@ def test_time_budget_ends_the_run_on_time_through_the_whole_schedule(ray_cluster
     final = torch.load(sorted((tmp_path / "runs" / "budget").glob("checkpoint_*/state.pt"))[-1], weights_only=True)
     assert final["step"] == steps and final["finished"]
 
+    monkeypatch.setattr(launch, "fit", lambda *_, **__: pytest.fail("Train workers started for a finished run"))
     again = pretrain_from_cli(None, overrides=[f"train.storage_path={cfg.train.storage_path}"], resume="budget",
                               address=None, quiet=True)
     assert again["steps"] == steps  # a finished run resumed trains no further

@@ -90,7 +90,8 @@ def pretrain(cfg: RunConfig, *, resume: str | None = None, address: str | None =
     check_resources(cfg, connect_ray(address))
     started = time.monotonic()
     with tracked_run(plan, parent_run_id=parent_run_id, quiet=quiet) as (plan, tracker):
-        checkpoint, data_stats = fit(plan, quiet=quiet, callbacks=callbacks)
+        trained = trained_checkpoint(plan)
+        checkpoint, data_stats = (trained, DataStats()) if trained else fit(plan, quiet=quiet, callbacks=callbacks)
         summary = finalize(plan, tracker, checkpoint, data_stats, quiet=quiet)
     summary.update({"name": plan.name, "storage": plan.run_dir, "mlflow_run_id": plan.mlflow_run_id,
                     "tracking_uri": plan.tracking_uri, "wall_time_s": round(time.monotonic() - started, 1)})
@@ -135,6 +136,23 @@ def _open_new_run(plan: RunPlan, parent_run_id: str | None) -> MLflowTracker:
         write_run_record(plan.storage, plan.name, {"config": to_dict(cfg), "mlflow_run_id": tracker.run_id,
                                                    "tracking_uri": plan.tracking_uri})
     return tracker
+
+
+def trained_checkpoint(plan: RunPlan) -> ray.train.Checkpoint | None:
+    """When resuming a run whose training is over (its latest registered checkpoint is finished or
+    at train.steps, as the workers would find it), that checkpoint: what is left (the metrics MLflow
+    lacks, artifacts, evaluation) happens on the driver without starting workers."""
+    if not plan.resumed:
+        return None
+    try:
+        checkpoint = ray.train.Result.from_path(plan.run_dir).checkpoint
+    except RuntimeError:  # no checkpoint registered yet
+        return None
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(directory)[0]
+    return checkpoint if state.finished or state.step >= plan.cfg.train.steps else None
 
 
 def fit(plan: RunPlan, *, quiet: bool, callbacks: tuple = ()) -> tuple[ray.train.Checkpoint, DataStats]:
