@@ -120,7 +120,7 @@ def sweep(scfg: SweepConfig, *, resume: bool = False, address: str | None = None
 
     children = search_runs(tracking_uri, experiment, parent_run_id=parent.run_id)
     close_stopped_trials(tracking_uri, experiment, children,
-                            {(r.metrics or {}).get("trial_id") for r in grid if not r.error})
+                         {(r.metrics or {}).get("trial_id") for r in grid if not r.error})
     trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "status": "ERROR" if r.error else "TERMINATED",
                "config": r.config, "last": {k: v for k, v in (r.metrics or {}).items() if k in (scfg.metric, "step")}}
               for r in grid]
