@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from lejepa_platform.console import quieter
 from lejepa_platform.errors import UserError
 
 PLACEHOLDER = "CHANGE_ME"
@@ -118,12 +119,10 @@ def _validate_with_ray(raw: dict) -> dict:
     except jsonschema.ValidationError as err:
         raise UserError(_schema_message(err)) from None
 
-    ray_logger = logging.getLogger(util.__name__)
-    level = ray_logger.level
-    ray_logger.setLevel(logging.WARNING)  # it logs one INFO line per node type it fills in
     try:
-        config = util.prepare_config(copy.deepcopy(raw))
-        util.validate_config(config)
+        with quieter(util.__name__, logging.WARNING):  # it logs one INFO line per node type it fills in
+            config = util.prepare_config(copy.deepcopy(raw))
+            util.validate_config(config)
     except jsonschema.ValidationError as err:
         raise UserError(f"after Ray filled in its defaults: {_schema_message(err)}") from None
     except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as err:
@@ -132,8 +131,6 @@ def _validate_with_ray(raw: dict) -> dict:
             names = ", ".join(sorted(raw.get("available_node_types") or {})) or "none"
             message += f" Got head_node_type = {raw.get('head_node_type')!r}; node types: {names}."
         raise UserError(message) from None
-    finally:
-        ray_logger.setLevel(level)
     return config
 
 

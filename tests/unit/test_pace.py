@@ -41,12 +41,20 @@ def config(*extra):
         "data.local_views=0", "data.global_size=16", "data.batch_size=8", "train.time_budget_s=0", *extra])
 
 
-def test_the_budget_ends_the_run_on_the_step_the_agreed_pace_predicts(monkeypatch):
+def on_fake_clock(monkeypatch, *overrides: str, before_s: float = 0.0,
+                  stop: StopAfter | None = None) -> tuple[FakeClock, Pace]:
+    """A one-rank Pace on the CPU whose clock only moves when the test moves it."""
     clock = FakeClock()
     monkeypatch.setattr(bookkeeping.time, "perf_counter", clock)
-    cfg = config("train.steps=1000", "train.time_budget_s=60", "train.log_every=10", "train.checkpoint_every=1000")
+    pace = Pace(config(*overrides), trained_before_s=before_s, stop=stop or StopAfter(10**6), world=1,
+                device=torch.device("cpu"))
+    return clock, pace
+
+
+def test_the_budget_ends_the_run_on_the_step_the_agreed_pace_predicts(monkeypatch):
     stop = StopAfter(10**6)
-    pace = Pace(cfg, trained_before_s=0.0, stop=stop, world=1, device=torch.device("cpu"))
+    clock, pace = on_fake_clock(monkeypatch, "train.steps=1000", "train.time_budget_s=60", "train.log_every=10",
+                                "train.checkpoint_every=1000", stop=stop)
     plans = []
     for step in range(1000):
         plans.append(pace.plan(step))
@@ -66,10 +74,8 @@ def test_the_budget_ends_the_run_on_the_step_the_agreed_pace_predicts(monkeypatc
 
 
 def test_earlier_attempts_time_counts_and_a_stop_ends_after_the_next_planned_step(monkeypatch):
-    clock = FakeClock()
-    monkeypatch.setattr(bookkeeping.time, "perf_counter", clock)
-    cfg = config("train.steps=100", "train.log_every=4", "train.checkpoint_every=100")
-    pace = Pace(cfg, trained_before_s=30.0, stop=StopAfter(2), world=1, device=torch.device("cpu"))
+    clock, pace = on_fake_clock(monkeypatch, "train.steps=100", "train.log_every=4", "train.checkpoint_every=100",
+                                before_s=30.0, stop=StopAfter(2))
     assert pace.seconds() == 30.0  # before the first step: what earlier attempts spent
     plans = [pace.plan(step) for step in range(40, 45)]
     # Polled at steps 40 and 41 (the first two) and after the logging step 43; the stop is seen at
@@ -135,10 +141,8 @@ def test_a_non_finite_loss_is_raised_at_the_logging_step_naming_the_first_bad_st
 
 
 def test_a_slow_first_step_does_not_end_a_budgeted_run_early(monkeypatch):
-    clock = FakeClock()
-    monkeypatch.setattr(bookkeeping.time, "perf_counter", clock)
-    cfg = config("train.steps=1000", "train.time_budget_s=8", "train.log_every=10", "train.checkpoint_every=1000")
-    pace = Pace(cfg, trained_before_s=0.0, stop=StopAfter(10**6), world=1, device=torch.device("cpu"))
+    clock, pace = on_fake_clock(monkeypatch, "train.steps=1000", "train.time_budget_s=8", "train.log_every=10",
+                                "train.checkpoint_every=1000")
     steps = 0
     while not pace.plan(steps).last:
         clock.now += 3.0 if steps == 0 else 0.5  # start-up makes the first step six times slower
@@ -149,10 +153,8 @@ def test_a_slow_first_step_does_not_end_a_budgeted_run_early(monkeypatch):
 
 
 def test_a_checkpoint_between_steps_does_not_end_a_budgeted_run_early(monkeypatch):
-    clock = FakeClock()
-    monkeypatch.setattr(bookkeeping.time, "perf_counter", clock)
-    cfg = config("train.steps=1000", "train.time_budget_s=20", "train.log_every=1", "train.checkpoint_every=5")
-    pace = Pace(cfg, trained_before_s=0.0, stop=StopAfter(10**6), world=1, device=torch.device("cpu"))
+    clock, pace = on_fake_clock(monkeypatch, "train.steps=1000", "train.time_budget_s=20", "train.log_every=1",
+                                "train.checkpoint_every=5")
     steps = 0
     while not pace.plan(steps).last:
         clock.now += 0.5  # the step

@@ -60,6 +60,7 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockMetadata
 
 from lejepa_platform.config import DataConfig
+from lejepa_platform.console import quieter
 from lejepa_platform.data.reader import Plan, Unit, block_rows, describe, unit_rows, view_bytes
 from lejepa_platform.data.stream import (LoadedItem, StreamPosition, block_records, load_item, rank_items, records_views,
                                          work_item)
@@ -197,13 +198,8 @@ def pin_ray_data_actors() -> None:
     dataset = ray.data.range(1)
     dataset.context.enable_progress_bars = False
     dataset.context.print_on_execution_start = False
-    logger = logging.getLogger("ray.data")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # its "progress bars disabled" and "execution finished" lines are noise here
-    try:
+    with quieter("ray.data", logging.ERROR):  # its "progress bars disabled" and "execution finished" lines
         dataset.take_all()
-    finally:
-        logger.setLevel(level)
 
 
 def stream_block_rows(cfg: DataConfig, per_worker: int) -> int:

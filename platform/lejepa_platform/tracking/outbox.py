@@ -25,8 +25,8 @@ from typing import Any
 from lejepa_platform.batching import chunks
 from lejepa_platform.console import warn
 from lejepa_platform.errors import TrackingError
-from lejepa_platform.tracking.store import (METRICS_PER_BATCH, PARAMS_PER_BATCH, TAG_VALUE_LIMIT, open_client,
-                                            prepare_params)
+from lejepa_platform.tracking.store import (METRICS_PER_BATCH, PARAMS_PER_BATCH, TAG_VALUE_LIMIT, metric_points,
+                                            open_client, prepare_params)
 
 STEP = "step"
 STAMP = "time_ms"
@@ -67,10 +67,8 @@ def send_rows(client: Any, run_id: str, rows: Iterable[dict[str, float]], after:
 
 
 def _points(row: dict[str, float]) -> list[Any]:
-    from mlflow.entities import Metric
-
-    stamp, step = int(row[STAMP]), int(row[STEP])
-    return [Metric(key, float(value), stamp, step) for key, value in row.items() if key not in (STEP, STAMP)]
+    values = {key: value for key, value in row.items() if key not in (STEP, STAMP)}
+    return metric_points(values, int(row[STAMP]), int(row[STEP]))
 
 
 class MetricsOutbox:

@@ -204,13 +204,16 @@ def get_run(client, uri: str, run_id: str):
         raise
 
 
-def send_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """One step's metrics, stamped now, in as few requests as MLflow accepts."""
+def metric_points(metrics: dict[str, float], stamp_ms: int, step: int) -> list[Any]:
+    """One step's metrics as MLflow `Metric`s with the same stamp."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
-    for chunk in chunks(batch, METRICS_PER_BATCH):
+    return [Metric(key, float(value), int(stamp_ms), int(step)) for key, value in metrics.items()]
+
+
+def send_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """One step's metrics, stamped now, in as few requests as MLflow accepts."""
+    for chunk in chunks(metric_points(metrics, int(time.time() * 1000), step), METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=chunk)
 
 
